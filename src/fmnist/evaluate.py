@@ -1,0 +1,109 @@
+"""Accuracy, per-class accuracy and the confusion matrix of a trained model on the test set.
+
+    fmnist evaluate runs/my-run
+    fmnist evaluate runs/my-run --json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist.data import CLASS_NAMES, load_split, to_tensor
+
+
+def uses_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are laid out channels-last."""
+    return any(
+        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+        for p in model.parameters()
+    )
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, classes) of normalised images (N, 1, 28, 28), in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    channels_last = uses_channels_last(model)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+@dataclass
+class Evaluation:
+    accuracy: float  # fraction correct, 0..1
+    loss: float  # mean cross-entropy
+    per_class: dict[str, float]  # class name -> accuracy
+    confusion_matrix: list[list[int]]  # [true][predicted] counts
+    predictions: torch.Tensor  # (N,) predicted labels, on the CPU
+
+    def to_json(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "per_class": self.per_class,
+            "confusion_matrix": self.confusion_matrix,
+            "class_names": list(self.per_class),
+        }
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, class_names=CLASS_NAMES) -> Evaluation:
+    """The figures of an evaluation from logits (N, classes) and true labels (N,)."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    k = len(class_names)
+    predictions = logits.argmax(1)
+    confusion = torch.bincount(labels * k + predictions, minlength=k * k).reshape(k, k)
+    per_class_total = confusion.sum(1).clamp(min=1)
+    per_class = (confusion.diag() / per_class_total).tolist()
+    return Evaluation(
+        accuracy=(predictions == labels).float().mean().item(),
+        loss=F.cross_entropy(logits, labels).item(),
+        per_class=dict(zip(class_names, per_class, strict=True)),
+        confusion_matrix=confusion.tolist(),
+        predictions=predictions,
+    )
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_names=CLASS_NAMES) -> Evaluation:
+    return score(predict_logits(model, images), labels, class_names)
+
+
+def load_test_tensors(meta: dict, data_dir=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Test images normalised as the run's model expects, labels, and the raw uint8 images."""
+    raw, labels = load_split("test", data_dir)
+    norm = meta["normalization"]
+    images = to_tensor(raw, norm["mean"], norm["std"], device=device)
+    return images, torch.as_tensor(labels, device=device), torch.as_tensor(raw)
+
+
+def evaluate_run(run_dir, data_dir=None, device="cpu") -> Evaluation:
+    from fmnist.checkpoint import load_model
+
+    model, meta = load_model(run_dir, device)
+    images, labels, _ = load_test_tensors(meta, data_dir, device)
+    return evaluate(model, images, labels, meta["class_names"])
+
+
+def format_evaluation(result: Evaluation) -> str:
+    names = list(result.per_class)
+    width = max(len(n) for n in names)
+    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}", ""]
+    lines.append(f"{'class':<{width}}  accuracy")
+    for name, acc in result.per_class.items():
+        lines.append(f"{name:<{width}}  {acc:8.4f}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    header = " " * (width + 1) + " ".join(f"{i:>5}" for i in range(len(names)))
+    lines.append(header)
+    for i, (name, row) in enumerate(zip(names, result.confusion_matrix, strict=True)):
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>5}" for c in row) + f"   ({i})")
+    return "\n".join(lines)

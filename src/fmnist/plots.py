@@ -1,0 +1,138 @@
+"""The run's pictures, as PNG files in its folder: the post's cost curve and sample images,
+the confusion matrix, and misclassified test images.
+
+    fmnist plot runs/my-run
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only, no window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmnist import FmnistError  # noqa: E402
+from fmnist.checkpoint import atomic_open  # noqa: E402
+
+PLOT_FILES = ("cost.png", "samples.png", "confusion_matrix.png", "misclassified.png")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def read_losses(metrics_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and losses of the training records in metrics.jsonl."""
+    steps, losses = [], []
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except OSError as e:
+        raise FmnistError(f"{metrics_path}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise FmnistError(f"{metrics_path}: line {n} is not JSON") from None
+        if "loss" in record and "split" not in record:
+            steps.append(record["step"])
+            losses.append(record["loss"])
+    return np.asarray(steps), np.asarray(losses, dtype=np.float64)
+
+
+def plot_cost(steps, losses, lr: float, path: Path) -> None:
+    """The post's figure: the mean batch loss of every step, the learning rate in the title."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, losses, linewidth=0.9)
+    if len(losses) and losses.max() > 100 * max(np.median(losses), 1e-12):
+        ax.set_yscale("log")  # the post's N(0, 1) initialisation starts at losses in the 1e4s
+    ax.set_ylabel("Cost")
+    ax.set_xlabel("Iterations")
+    ax.set_title(f"Learning rate = {lr:g}")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_samples(images: np.ndarray, labels: np.ndarray, class_names, path: Path, per_class: int = 8) -> None:
+    """A grid of training examples: one row per class, in the post's 'Greys' colour map."""
+    k = len(class_names)
+    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.9, k * 0.95))
+    for c in range(k):
+        idx = np.flatnonzero(labels == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.set_axis_off()
+            if j < len(idx):
+                ax.imshow(images[idx[j]], cmap="Greys", vmin=0, vmax=255)
+        axes[c, 0].text(-4, 14, class_names[c], ha="right", va="center", fontsize=9)
+    fig.suptitle("Fashion-MNIST training examples")
+    _save(fig, path)
+
+
+def plot_confusion(confusion, class_names, path: Path) -> None:
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"Confusion matrix (test accuracy {accuracy:.2%})")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    _save(fig, path)
+
+
+def plot_misclassified(images, labels, predictions, class_names, path: Path, count: int = 36) -> None:
+    wrong = np.flatnonzero(np.asarray(predictions) != np.asarray(labels))[:count]
+    cols = 6
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        ax.imshow(images[i], cmap="Greys", vmin=0, vmax=255)
+        ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}", fontsize=7)
+    fig.suptitle(f"Misclassified test images (first {len(wrong)})")
+    _save(fig, path)
+
+
+def write_plots(run_dir, train_images, train_labels, test_images, test_labels, evaluation, class_names=None) -> list[Path]:
+    """All four plots of a run; the cost curve comes from its metrics.jsonl and config.json."""
+    run_dir = Path(run_dir)
+    class_names = list(class_names or evaluation.per_class)
+    config = json.loads((run_dir / "config.json").read_text())
+    steps, losses = read_losses(run_dir / "metrics.jsonl")
+    paths = [run_dir / name for name in PLOT_FILES]
+    plot_cost(steps, losses, config["lr"], paths[0])
+    plot_samples(np.asarray(train_images), np.asarray(train_labels), class_names, paths[1])
+    plot_confusion(evaluation.confusion_matrix, class_names, paths[2])
+    plot_misclassified(np.asarray(test_images), np.asarray(test_labels),
+                       evaluation.predictions.numpy(), class_names, paths[3])
+    return paths
+
+
+def plot_run(run_dir, data_dir=None) -> list[Path]:
+    """Redraw a finished run's plots from its folder and the dataset."""
+    from fmnist.checkpoint import load_model
+    from fmnist.data import load_split
+    from fmnist.evaluate import evaluate, load_test_tensors
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        raise FmnistError(f"{run_dir}: not a run folder (config.json or metrics.jsonl missing)")
+    model, meta = load_model(run_dir)
+    images, labels, raw = load_test_tensors(meta, data_dir)
+    evaluation = evaluate(model, images, labels, meta["class_names"])
+    train_raw, train_labels = load_split("train", data_dir)
+    return write_plots(run_dir, train_raw, train_labels, raw, labels, evaluation, meta["class_names"])
