@@ -156,6 +156,23 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     return parse_idx(_read_payload(path), str(path))
 
 
+def save_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an array as an IDX file (gzipped when the name ends in .gz), atomically."""
+    from fmnist.checkpoint import atomic_open
+
+    array = np.asarray(array)
+    codes = {dtype.newbyteorder("="): code for code, dtype in _IDX_DTYPES.items()}
+    code = codes.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX cannot hold {array.dtype}")
+    big_endian = array.astype(_IDX_DTYPES[code], copy=False)
+    payload = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload += big_endian.tobytes()
+    path = Path(path)
+    with atomic_open(path) as f:
+        f.write(gzip.compress(payload, mtime=0) if path.suffix == ".gz" else payload)
+
+
 def _check_split(images: np.ndarray, labels: np.ndarray, images_path, labels_path) -> None:
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DataError(
