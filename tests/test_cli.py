@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fmnist.cli import main
+
+COMMANDS = ["download", "train", "evaluate", "plot", "models"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: fmnist " + command in capsys.readouterr().out
+
+
+def test_bad_flag_exits_nonzero(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--batch-size", "many"])
+    assert info.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fmnist", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (bad / name).write_bytes(b"\x1f\x8b\x08garbage")
+    cases = [
+        (["train", "--data-dir", str(bad), "--out", str(tmp_path / "r")], "corrupt or truncated gzip"),
+        (["evaluate", str(tmp_path / "missing")], "no such run folder"),
+        (["train", "--model", "resnet9000", "--data-dir", str(bad)], None),
+        (["train", "--config", str(tmp_path / "none.toml")], "cannot read config"),
+    ]
+    for args, expected in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("fmnist: error: "), result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+        if expected:
+            assert expected in result.stderr
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_train_evaluate_plot_end_to_end(synthetic_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(synthetic_dir), "--steps", "30", "--batch-size", "32",
+                 "--val-size", "64", "--normalize", "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "step      0  loss" in out and "test accuracy" in out
+    assert main(["evaluate", str(run), "--json", "--data-dir", str(synthetic_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 <= report["accuracy"] <= 1
+    assert len(report["per_class"]) == 10
+    matrix = report["confusion_matrix"]
+    assert len(matrix) == 10 and sum(map(sum, matrix)) == 160
+    assert main(["evaluate", str(run), "--data-dir", str(synthetic_dir)]) == 0
+    assert "confusion matrix" in capsys.readouterr().out
+    (run / "cost.png").unlink()
+    assert main(["plot", str(run), "--data-dir", str(synthetic_dir)]) == 0
+    assert (run / "cost.png").is_file()
+
+
+def test_models_lists_the_seed_network(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["seed"]["parameters"] == 3_274_634
+    assert 27e6 < rows["seed"]["flops_per_image"] < 29e6

@@ -1,0 +1,75 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmnist import FmnistError
+from fmnist.models import build_model, count_parameters, flops_per_image, init_weights, model_names
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_shape_no_nan_and_learns(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    out = model(x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert count_parameters(model) > 0 and flops_per_image(model) > 0
+
+
+def reference_seed_forward(model, x):
+    """The post's network written the plain way: ReLU before pooling, TF's NHWC flatten."""
+    x = F.max_pool2d(F.relu(F.conv2d(x, model.conv1.weight, model.conv1.bias, padding=2)), 2)
+    x = F.max_pool2d(F.relu(F.conv2d(x, model.conv2.weight, model.conv2.bias, padding=2)), 2)
+    x = x.permute(0, 2, 3, 1).reshape(len(x), -1)
+    x = F.relu(F.linear(x, model.fc1.weight, model.fc1.bias))
+    return F.linear(x, model.out.weight, model.out.bias)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_seed_matches_plain_formulation(channels_last):
+    torch.manual_seed(0)
+    model = build_model("seed").eval()
+    x = torch.randn(4, 1, 28, 28)
+    expected = reference_seed_forward(model, x)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_sizes_are_the_posts():
+    model = build_model("seed")
+    assert model.conv1.weight.shape == (32, 1, 5, 5)
+    assert model.conv2.weight.shape == (64, 32, 5, 5)
+    assert model.fc1.weight.shape == (1024, 7 * 7 * 64)
+    assert model.out.weight.shape == (10, 1024)
+    assert model.dropout.p == pytest.approx(0.25)
+    assert count_parameters(model) == 3_274_634
+
+
+def test_seed_init_is_standard_normal():
+    torch.manual_seed(0)
+    model = build_model("seed")
+    init_weights(model, "seed")
+    weights = torch.cat([p.flatten() for p in model.parameters()])
+    assert weights.mean().abs() < 0.01 and (weights.std() - 1).abs() < 0.01
+    assert model.conv1.bias.std() > 0.5  # biases are drawn too, not zeroed
+    default = build_model("seed")
+    assert default.fc1.weight.std() < 0.05  # PyTorch's default is far narrower
+    with pytest.raises(FmnistError, match="unknown init"):
+        init_weights(model, "xavier")
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(FmnistError, match="unknown model 'nope'; choose from: seed"):
+        build_model("nope")
