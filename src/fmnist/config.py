@@ -36,6 +36,7 @@ class TrainConfig:
     log_every: int = opt(100, "steps between printed loss lines (the post's 100)")
     eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)")
     device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    precision: str = opt("auto", "'fp32', 'bf16' (autocast, weights stay fp32) or 'auto': bf16 where the device computes it natively (recent GPUs, CPUs with AVX-512 BF16 or AMX)")
     threads: int = opt(0, "intra-op CPU threads (0: PyTorch's default, one per core)")
     channels_last: bool = opt(True, "NHWC memory layout, faster convolutions on CPU and GPU")
     data_dir: str | None = opt(None, "folder with the four IDX files (default: searched, see `fmnist download --help`)")

@@ -39,6 +39,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on a device; None means plain fp32."""
+    if precision not in PRECISIONS:
+        raise FmnistError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # (N, 1, 28, 28) float32, normalised, on the device
@@ -122,9 +140,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
 
 
-def train_step(model, optimizer, x, y) -> torch.Tensor:
+def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One optimiser step on a batch; returns the mean batch loss, still on the device."""
-    loss = F.cross_entropy(model(x), y)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -190,13 +209,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     sampler = BatchSampler(len(train_split), cfg.batch_size, cfg.seed, device)
     images = train_split.images.contiguous(memory_format=memory_format)
 
     run_dir = make_run_dir(cfg.out, cfg.model)
-    write_json(run_dir / "config.json", to_dict(cfg) | {"out": str(run_dir), "total_steps": steps})
+    precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
+    resolved = {"out": str(run_dir), "total_steps": steps, "device_resolved": str(device), "precision_resolved": precision}
+    write_json(run_dir / "config.json", to_dict(cfg) | resolved)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    log(f"training {cfg.model} on {device} for {steps} steps of {cfg.batch_size} -> {run_dir}")
+    log(f"training {cfg.model} on {device} ({precision}) for {steps} steps of {cfg.batch_size} -> {run_dir}")
 
     def run_eval(split: str, step: int) -> Evaluation:
         result = evaluate(model, data[split].images, data[split].labels)
@@ -207,7 +229,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     # interval instead of one per step.
     flush_every = max(1, cfg.log_every)
     pending: list[tuple[int, float, torch.Tensor]] = []
-    val_result = None
+    val_result, val_step = None, None
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
@@ -216,7 +238,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = sampler.next()
-        loss = train_step(model, optimizer, images[idx], train_split.labels[idx])
+        loss = train_step(model, optimizer, images[idx], train_split.labels[idx], amp_dtype)
         pending.append((step, lr, loss))
         if step % flush_every == 0 or step == steps - 1:
             values = torch.stack([p[2] for p in pending]).tolist()
@@ -230,12 +252,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
             if step % flush_every == 0:
                 (bar.write if progress else log)(f"step {step:6d}  loss {values[-1]:.6f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and len(data["val"]):
-            val_result = run_eval("val", step + 1)
+            val_result, val_step = run_eval("val", step + 1), step + 1
             model.train()
     bar.close()
     train_seconds = time.perf_counter() - start
 
-    if len(data["val"]) and (val_result is None or cfg.eval_every == 0 or steps % cfg.eval_every):
+    if len(data["val"]) and val_step != steps:
         val_result = run_eval("val", steps)
     test_result = run_eval("test", steps)
     metrics.write(step=steps, train_seconds=train_seconds)
