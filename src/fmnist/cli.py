@@ -93,6 +93,38 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from fmnist.predict import format_predictions, latest_run, predict_files
+
+    run_dir = args.model or latest_run("runs")
+    result = predict_files(run_dir, args.images, top_k=args.top_k, save_input=args.save_input)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    note = "" if args.model else " (the most recent run under ./runs)"
+    print(f"model: {run_dir}{note}")
+    print(format_predictions(result))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fmnist.export import export_onnx
+
+    print(export_onnx(args.model, args.out))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from fmnist.predict import latest_run
+    from fmnist.serve import ServeConfig, serve
+
+    run_dir = args.model or latest_run("runs")
+    serve(run_dir, ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload_bytes,
+                               max_batch=args.max_batch, threads=args.threads,
+                               access_log=args.access_log))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -142,6 +174,43 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the registered networks with parameters and FLOPs per image.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("predict", help="classify pictures, .npy or IDX files with a trained model",
+                       description="Classify PNG, JPEG, WebP, BMP or GIF pictures (any size, colour "
+                       "or grey: each is turned into a Fashion-MNIST-like 28x28 image first) and "
+                       ".npy or IDX batches of 28x28 uint8 images.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="picture, .npy or IDX file")
+    p.add_argument("--model", metavar="RUN_DIR", help="run folder of the model (default: the most recent under ./runs)")
+    p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model saw, per input, as PNG into DIR")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX",
+                       description="Write the model as ONNX: input float32 pixels 0..255 of shape "
+                       "(N, 1, 28, 28), normalisation included; outputs logits and probabilities; "
+                       "class names in the metadata. Needs the export extra.")
+    p.add_argument("--model", metavar="RUN_DIR", required=True, help="run folder of the model")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    p.add_argument("--out", metavar="FILE", required=True, help="file to write, e.g. model.onnx")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP prediction service with a web page",
+                       description="Serve a model over HTTP: POST /v1/predict (multipart field "
+                       "'file'), GET /v1/classes, GET /healthz, the OpenAPI page at /docs and a "
+                       "web page at /. Needs the serve extra.")
+    p.add_argument("--model", metavar="RUN_DIR", help="run folder of the model (default: the most recent under ./runs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--max-upload-bytes", type=int, default=10 * 1024 * 1024,
+                   help="largest request body accepted, in bytes (default: 10 MiB)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most concurrent requests run through the model as one batch (default: 64)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="PyTorch intra-op threads of the model (default: 1; the event loop needs a core)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log one line per request (default: on)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""Export a trained model to ONNX, for runtimes without PyTorch.
+
+    fmnist export --model runs/my-run --format onnx --out fmnist.onnx
+
+The ONNX model takes raw pixels, float32 0..255 of shape (N, 1, 28, 28) with any N, and does
+the run's normalisation itself; it returns "logits" and "probabilities" (N, classes). The class
+names, normalisation and source model are in its metadata (`class_names` is a JSON list).
+Needs the `export` extra: pip install 'fmnist[export]'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmnist import FmnistError, __version__
+from fmnist.data import IMAGE_SIZE
+
+FORMATS = ("onnx",)
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("logits", "probabilities")
+
+
+class RawPixelModel(nn.Module):
+    """A trained model behind its own normalisation: pixels 0..255 in, logits and probabilities out."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.model = model
+        # (pixels / 255 - mean) / std, folded into one multiply-add
+        self.register_buffer("scale", torch.tensor(1.0 / (255.0 * std)))
+        self.register_buffer("shift", torch.tensor(-mean / std))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, 1, 28, 28)
+        logits = self.model(pixels * self.scale + self.shift)  # (N, classes)
+        return logits, logits.softmax(1)
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise FmnistError(f"ONNX export needs the export extra ({e.name} is missing): "
+                          "pip install 'fmnist[export]'") from None
+    return onnx, onnxruntime
+
+
+def onnx_session(model: str | os.PathLike | bytes, threads: int = 0):
+    """An onnxruntime CPU session for an exported model, a path or its bytes (threads 0: one
+    per core)."""
+    _, ort = _require_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only
+    if not isinstance(model, bytes):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images: int = 64) -> Path:
+    """Write the run's model as ONNX with a dynamic batch dimension, then check that
+    onnxruntime agrees with PyTorch on `check_images` random images before keeping the file."""
+    from fmnist.checkpoint import atomic_open, load_model
+
+    onnx, _ = _require_onnx()
+    model, meta = load_model(run_dir, "cpu")
+    norm = meta["normalization"]
+    wrapped = RawPixelModel(model, float(norm["mean"]), float(norm["std"])).eval()
+    example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    batch = torch.export.Dim("batch")
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" and other chatter
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                wrapped, (example,), dynamo=True, input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES), dynamic_shapes={"pixels": {0: batch}},
+                optimize=True, verbose=False,
+            )
+    finally:
+        onnx_log.setLevel(level)
+    proto = program.model_proto
+    proto.doc_string = "fmnist classifier: float32 pixels 0..255 (N, 1, 28, 28) -> logits, probabilities"
+    metadata = {
+        "class_names": json.dumps(meta["class_names"]),
+        "normalization": json.dumps(norm),
+        "input": "float32 pixels 0..255, shape (N, 1, 28, 28), light object on black",
+        "model": str(meta["model"]),
+        "fmnist_version": __version__,
+        "source_run": str(Path(run_dir).resolve()),
+    }
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+
+    out = Path(out)
+    if out.is_dir():
+        raise FmnistError(f"{out}: is a directory; give a file name such as model.onnx")
+    if not out.parent.is_dir():
+        raise FmnistError(f"{out.parent}: no such folder")
+    serialized = proto.SerializeToString()
+    if check_images:
+        _check_agreement(wrapped, serialized, check_images)
+    with atomic_open(out) as f:
+        f.write(serialized)
+    return out
+
+
+def _check_agreement(wrapped: nn.Module, serialized: bytes, n: int) -> None:
+    pixels = torch.randint(0, 256, (n, 1, IMAGE_SIZE, IMAGE_SIZE)).float()
+    with torch.inference_mode():
+        expected = wrapped(pixels)[0].numpy()
+    got = onnx_session(serialized).run(["logits"], {INPUT_NAME: pixels.numpy()})[0]
+    error = float(np.abs(got - expected).max())
+    if not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        raise FmnistError(f"exported model disagrees with PyTorch (max logit difference {error:.2e})")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata properties of an exported model."""
+    return dict(onnx_session(path).get_modelmeta().custom_metadata_map)

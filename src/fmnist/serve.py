@@ -1,0 +1,357 @@
+"""An HTTP service for a trained model, with a web page to try it.
+
+    fmnist serve --model runs/my-run                  # http://127.0.0.1:8000/
+    fmnist serve --model runs/my-run --host 0.0.0.0 --port 8080
+    curl -F file=@shoe.jpg http://127.0.0.1:8000/v1/predict
+
+Endpoints: POST /v1/predict (one image in the multipart field `file`; `?top_k=3`,
+`?input=true` adds the 28x28 image the model saw as a PNG data URL), GET /v1/classes,
+GET /healthz, the OpenAPI page at /docs, the web page at /. Needs the `serve` extra.
+
+Requests that arrive together are run through the model as one batch: the model runs in its
+own thread while the event loop reads and decodes the next requests, so under load each forward
+pass serves many requests. Bodies over the size limit are refused from their Content-Length (or
+as soon as a chunked body passes it), images over the pixel limit from their header, and large
+images decode in a small thread pool, so memory stays bounded.
+"""
+
+import asyncio
+import base64
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from fmnist import FmnistError
+from fmnist.predict import (
+    MAX_PIXELS,
+    ImageError,
+    Predictor,
+    input_png,
+    load_model,
+    load_pixels,
+    open_image,
+    prepare_image,
+)
+
+log = logging.getLogger("fmnist.serve")
+
+INLINE_DECODE_PIXELS = 256 * 256  # smaller images decode on the event loop (cheaper than a thread hop)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback only unless asked: the service has no authentication
+    port: int = 8000
+    max_upload_bytes: int = 10 * 1024 * 1024  # request body limit, bytes
+    max_pixels: int = MAX_PIXELS  # decoded pixels per image, checked before decoding
+    max_batch: int = 64  # requests per forward pass
+    threads: int = 1  # PyTorch intra-op threads; the event loop needs the other core
+    decode_workers: int = 2  # threads decoding large images: bounds their memory
+    max_connections: int = 512  # concurrent connections; more get 503 (bounds buffered bodies)
+    access_log: bool = True
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)  # passed on to uvicorn.Config
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Batcher:
+    """Collects the images of concurrent requests and runs them through the model together,
+    in one dedicated thread, so the event loop keeps accepting requests meanwhile."""
+
+    def __init__(self, predictor: Predictor, max_batch: int):
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="fmnist-model")
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.batches = 0  # forward passes run, for /healthz
+        self.images = 0  # images classified
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    async def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities of one prepared uint8 (28, 28) image."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((image, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            while len(items) < self.max_batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            batch = np.stack([image for image, _ in items])
+            try:
+                rows = await loop.run_in_executor(self.executor, self.predictor.probabilities, batch)
+            except Exception as e:  # the model failing fails its requests, not the service
+                log.exception("model failed on a batch of %d", len(items))
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.batches += 1
+            self.images += len(items)
+            for (_, future), row in zip(items, rows, strict=True):
+                if not future.done():  # its client may have gone
+                    future.set_result(row)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+async def read_body(receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HTTPError(400, "client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body is larger than the limit of {limit:,} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def multipart_file(body: bytes, content_type: str, field_name: str = "file") -> tuple[bytes, str]:
+    """The bytes and file name of one field of a multipart/form-data body."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or b"boundary" not in options:
+        raise HTTPError(415, f"expected a multipart/form-data upload with the image in field "
+                        f"'{field_name}', got Content-Type {content_type or 'none'!r}")
+    parts: list[dict] = []
+    header: dict = {}
+
+    def on_part_begin():
+        parts.append({"headers": {}, "data": []})
+
+    def on_header_field(data, start, end):
+        header["field"] = header.get("field", b"") + data[start:end]
+
+    def on_header_value(data, start, end):
+        header["value"] = header.get("value", b"") + data[start:end]
+
+    def on_header_end():
+        parts[-1]["headers"][header.pop("field", b"").lower()] = header.pop("value", b"")
+
+    def on_part_data(data, start, end):
+        parts[-1]["data"].append(data[start:end])
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_part_data": on_part_data}
+    try:
+        parser = MultipartParser(options[b"boundary"], callbacks)
+        parser.write(body)
+        parser.finalize()
+    except Exception as e:  # python-multipart raises several error types for malformed bodies
+        raise HTTPError(400, f"malformed multipart body ({e})") from None
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        if disposition.get(b"name") == field_name.encode():
+            filename = disposition.get(b"filename", b"upload").decode("utf-8", "replace")
+            return b"".join(part["data"]), filename
+    raise HTTPError(400, f"no field '{field_name}' in the upload: send the image as "
+                    f"multipart field '{field_name}'")
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def _static_file(name: str) -> bytes:
+    return resources.files("fmnist").joinpath("static", name).read_bytes()
+
+
+def create_app(predictor: Predictor, config: ServeConfig | None = None):
+    """The FastAPI application serving `predictor`."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    config = config or ServeConfig()
+    batcher = Batcher(predictor, config.max_batch)
+    decoder = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="fmnist-decode")
+
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+        decoder.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="fmnist",
+        summary="Fashion-MNIST classifier",
+        description=f"Model `{predictor.meta.get('model')}` from {predictor.run_dir}.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status)
+
+    @app.exception_handler(HTTPError)
+    async def on_http_error(request, exc: HTTPError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, exc):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, "internal error")
+
+    def prepare(image, name: str) -> np.ndarray:
+        return prepare_image(load_pixels(image, name))
+
+    upload_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary",
+                                        "description": "PNG, JPEG, WebP, BMP or GIF"}},
+            }}},
+        },
+        "responses": {
+            "200": {"description": "the most probable classes, most probable first"},
+            "400": {"description": "empty, truncated or corrupt image, malformed upload"},
+            "413": {"description": "body over the size limit or image over the pixel limit"},
+            "415": {"description": "not an image, or a format other than PNG/JPEG/WebP/BMP/GIF"},
+        },
+    }
+
+    @app.post("/v1/predict", openapi_extra=upload_schema)
+    async def predict(
+        request: Request,
+        top_k: int = Query(3, ge=1, le=len(predictor.class_names), description="classes to return"),
+        input: bool = Query(False, description="also return the 28x28 input as a PNG data URL"),
+    ):
+        body = await read_body(request.receive, config.max_upload_bytes)
+        data, filename = multipart_file(body, request.headers.get("content-type", ""))
+        try:
+            image = open_image(data, filename, config.max_pixels, load=False)
+            if image.width * image.height <= INLINE_DECODE_PIXELS:
+                prepared = prepare(image, filename)
+            else:
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(decoder, prepare, image, filename)
+        except ImageError as e:
+            raise HTTPError(e.status, str(e)) from None
+        row = await batcher.probabilities(prepared)
+        result: dict[str, Any] = {"top": predictor.top(row[None], top_k)[0]}
+        if input:
+            result["input"] = "data:image/png;base64," + base64.b64encode(input_png(prepared)).decode()
+        return JSONResponse(result)
+
+    @app.get("/v1/classes")
+    async def classes():
+        """The class names, in the order of the model's outputs."""
+        return {"classes": [{"index": i, "label": n} for i, n in enumerate(predictor.class_names)]}
+
+    @app.get("/healthz")
+    async def healthz():
+        """Liveness: the model is loaded and the batcher running."""
+        return {
+            "status": "ok",
+            "model": predictor.meta.get("model"),
+            "test_accuracy": predictor.meta.get("metrics", {}).get("test_accuracy"),
+            "batches": batcher.batches,
+            "images": batcher.images,
+        }
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return Response(_static_file("index.html"), media_type="text/html; charset=utf-8")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+        suffix = os.path.splitext(name)[1]
+        if "/" in name or suffix not in types:
+            raise HTTPError(404, f"no static file {name!r}")
+        try:
+            return Response(_static_file(name), media_type=f"{types[suffix]}; charset=utf-8")
+        except FileNotFoundError:
+            raise HTTPError(404, f"no static file {name!r}") from None
+
+    app.add_middleware(ContentLengthLimit, limit=config.max_upload_bytes)
+    return app
+
+
+class ContentLengthLimit:
+    """Refuses a request whose declared Content-Length is over the limit before reading any of
+    its body (chunked bodies are counted as they arrive, in `read_body`)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+                status, message = (413, f"request body is larger than the limit of {self.limit:,} bytes") \
+                    if declared.isdigit() else (400, "invalid Content-Length")
+                from fastapi.responses import JSONResponse
+
+                await JSONResponse({"detail": message}, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None:
+    """Load the run's model and serve it until interrupted."""
+    config = config or ServeConfig()
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise FmnistError(f"serving needs the serve extra ({e.name} is missing): "
+                          "pip install 'fmnist[serve]'") from None
+    import torch
+
+    if config.max_batch < 1:
+        raise FmnistError(f"--max-batch must be at least 1, got {config.max_batch}")
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    predictor = load_model(run_dir)
+    app = create_app(predictor, config)
+    uvicorn_config = uvicorn.Config(
+        app, host=config.host, port=config.port, access_log=config.access_log,
+        log_level=config.log_level, limit_concurrency=config.max_connections,
+        **config.extra,
+    )
+    server = uvicorn.Server(uvicorn_config)
+    try:
+        server.run()
+    except (OSError, SystemExit) as e:  # uvicorn logs a taken port and exits
+        if server.started:
+            raise
+        raise FmnistError(f"cannot serve on {config.host}:{config.port} ({e})") from None
+

@@ -1,0 +1,110 @@
+// The fmnist web page: send a chosen, dropped or drawn picture to POST /v1/predict and show
+// the 28x28 image the model saw with the top classes. No libraries, no external assets.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const statusLine = $("status");
+const TOP_K = 5;
+
+function setStatus(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle("error", isError);
+}
+
+function showPredictions(top) {
+  const list = $("predictions");
+  list.replaceChildren();
+  for (const t of top) {
+    const item = document.createElement("li");
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = t.label;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.style.width = `${(100 * t.probability).toFixed(1)}%`;
+    bar.append(fill);
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = `${(100 * t.probability).toFixed(1)}%`;
+    item.append(label, bar, prob);
+    list.append(item);
+  }
+}
+
+async function classify(blob, name) {
+  $("preview").src = URL.createObjectURL(blob);
+  setStatus(`Classifying ${name}...`);
+  const form = new FormData();
+  form.append("file", blob, name);
+  try {
+    const response = await fetch(`/v1/predict?top_k=${TOP_K}&input=true`, { method: "POST", body: form });
+    const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
+    if (!response.ok) {
+      $("model-input").removeAttribute("src");
+      $("predictions").replaceChildren();
+      setStatus(`Error ${response.status}: ${body.detail}`, true);
+      return;
+    }
+    $("model-input").src = body.input;
+    showPredictions(body.top);
+    setStatus(`${name}: ${body.top[0].label}`);
+  } catch (err) {
+    setStatus(`Cannot reach the service: ${err}`, true);
+  }
+}
+
+// ---------------------------------------------------------------- choose or drop a file
+$("file-input").addEventListener("change", (e) => {
+  const file = e.target.files[0];
+  if (file) classify(file, file.name);
+});
+const drop = $("drop-zone");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  const file = e.dataTransfer.files[0];
+  if (file) classify(file, file.name);
+});
+
+// ---------------------------------------------------------------- draw
+const canvas = $("draw");
+const ctx = canvas.getContext("2d");
+function clearCanvas() {
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+}
+clearCanvas();
+ctx.lineWidth = 14;
+ctx.lineCap = "round";
+ctx.lineJoin = "round";
+ctx.strokeStyle = "#222";
+let drawing = false;
+function point(e) {
+  const r = canvas.getBoundingClientRect();
+  return [(e.clientX - r.left) * canvas.width / r.width, (e.clientY - r.top) * canvas.height / r.height];
+}
+canvas.addEventListener("pointerdown", (e) => {
+  drawing = true;
+  canvas.setPointerCapture(e.pointerId);
+  ctx.beginPath();
+  ctx.moveTo(...point(e));
+});
+canvas.addEventListener("pointermove", (e) => {
+  if (!drawing) return;
+  ctx.lineTo(...point(e));
+  ctx.stroke();
+});
+canvas.addEventListener("pointerup", () => { drawing = false; });
+$("clear").addEventListener("click", clearCanvas);
+$("classify-drawing").addEventListener("click", () => {
+  canvas.toBlob((blob) => classify(blob, "drawing.png"), "image/png");
+});
+
+// ---------------------------------------------------------------- model info
+fetch("/healthz").then((r) => r.json()).then((h) => {
+  const acc = h.test_accuracy == null ? "" : `, test accuracy ${(100 * h.test_accuracy).toFixed(1)}%`;
+  $("model-info").textContent = `Model: ${h.model}${acc}.`;
+}).catch(() => {});
