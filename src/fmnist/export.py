@@ -71,6 +71,11 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
     from fmnist.checkpoint import atomic_open, load_model
 
     onnx, _ = _require_onnx()
+    out = Path(out)
+    if out.is_dir():
+        raise FmnistError(f"{out}: is a directory; give a file name such as model.onnx")
+    if not out.parent.is_dir():
+        raise FmnistError(f"{out.parent}: no such folder")
     model, meta = load_model(run_dir, "cpu")
     norm = meta["normalization"]
     wrapped = RawPixelModel(model, float(norm["mean"]), float(norm["std"])).eval()
@@ -104,11 +109,6 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
 
-    out = Path(out)
-    if out.is_dir():
-        raise FmnistError(f"{out}: is a directory; give a file name such as model.onnx")
-    if not out.parent.is_dir():
-        raise FmnistError(f"{out.parent}: no such folder")
     serialized = proto.SerializeToString()
     if check_images:
         _check_agreement(wrapped, serialized, check_images)

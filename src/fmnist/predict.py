@@ -73,8 +73,8 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = 
         raise ImageError(f"{name}: file not found") from None
     except IsADirectoryError:
         raise ImageError(f"{name}: is a directory") from None
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{name}: image has too many pixels") from None
+    except Image.DecompressionBombError as e:  # Pillow's own check, at twice its limit
+        raise ImageTooLarge(f"{name}: image has more than the limit of {max_pixels:,} pixels ({e})") from None
     except UnidentifiedImageError:
         raise UnsupportedImage(
             f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
@@ -85,7 +85,7 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = 
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
-            f"{name}: image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
+            f"{name}: image is {width}x{height} pixels, more than the limit of {max_pixels:,} pixels")
     return load_pixels(image, name) if load else image
 
 
