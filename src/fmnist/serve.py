@@ -255,6 +255,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         input: bool = Query(False, description="also return the 28x28 input as a PNG data URL"),
     ):
         body = await read_body(request.receive, config.max_upload_bytes)
+        if not body:
+            raise HTTPError(400, "empty request body: send the image as multipart field 'file'")
         data, filename = multipart_file(body, request.headers.get("content-type", ""))
         try:
             image = open_image(data, filename, config.max_pixels, load=False)
