@@ -1,0 +1,81 @@
+"""The web page in a real browser: Playwright driving Debian's Chromium, headless."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from fmnist.data import load_split  # noqa: E402
+from fmnist.predict import load_model  # noqa: E402
+from test_serve import png, running_server  # noqa: E402
+
+CHROMIUM = os.environ.get("FMNIST_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def page(trained_run):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with running_server(trained_run) as (host, port, _), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        external = []  # requests leaving the service: a CDN, fonts...
+
+        def record(request):
+            if request.url.startswith(("http:", "https:")) and not request.url.startswith(f"http://{host}:{port}/"):
+                external.append(request.url)
+
+        page.on("request", record)
+        page.goto(f"http://{host}:{port}/")
+        page.external_requests = external
+        yield page
+        browser.close()
+
+
+def confident_test_image(trained_run, data_dir) -> tuple[np.ndarray, str]:
+    """A test image the model classifies correctly with high probability, and its class."""
+    images, labels = load_split("test", data_dir)
+    predictor = load_model(trained_run)
+    probabilities = predictor.probabilities(images[:200])
+    best = int(np.argmax(probabilities[np.arange(200), labels[:200]]))
+    return images[best], predictor.class_names[labels[best]]
+
+
+def test_upload_shows_prediction_and_model_input(page, trained_run, data_dir, tmp_path):
+    image, label = confident_test_image(trained_run, data_dir)
+    path = tmp_path / "item.png"
+    path.write_bytes(png(255 - image))  # as a photo: dark object on white
+    page.set_input_files("#file-input", str(path))
+    sync_api.expect(page.locator("#status")).to_have_text(f"item.png: {label}", timeout=20_000)
+    assert page.locator("#predictions li").count() == 5
+    assert page.locator("#predictions li .label").first.inner_text() == label
+    assert page.get_attribute("#model-input", "src").startswith("data:image/png;base64,")
+    assert page.evaluate("document.getElementById('model-input').naturalWidth") == 28
+    assert page.external_requests == []
+
+
+def test_drawing_is_classified(page):
+    page.click("#clear")
+    box = page.locator("#draw").bounding_box()
+    page.mouse.move(box["x"] + 80, box["y"] + 40)
+    page.mouse.down()
+    for x, y in [(80, 240), (200, 240), (200, 40)]:  # a rough U: something like trousers
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+    page.mouse.up()
+    page.click("#classify-drawing")
+    sync_api.expect(page.locator("#status")).to_contain_text("drawing.png: ", timeout=20_000)
+    assert page.locator("#predictions li").count() == 5
+
+
+def test_bad_file_shows_the_error(page, tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not a picture")
+    page.set_input_files("#file-input", str(path))
+    sync_api.expect(page.locator("#status")).to_contain_text("Error 415", timeout=20_000)
+    assert page.locator("#predictions li").count() == 0
