@@ -139,7 +139,9 @@ def prepare_image(image: Image.Image | np.ndarray) -> np.ndarray:
     cropped to the object; longest side resized to 28 keeping the aspect ratio; padded to
     28x28 around the centre.
     """
-    if isinstance(image, np.ndarray):
+    if isinstance(image, np.ndarray):  # pixel values 0..255, (H, W) grey or (H, W, 3|4) colour
+        if image.dtype != np.uint8:
+            image = np.clip(image, 0, 255).astype(np.uint8)
         image = Image.fromarray(np.ascontiguousarray(image))
     image = ImageOps.exif_transpose(image)
     if max(image.size) > WORK_SIZE:
