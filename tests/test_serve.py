@@ -153,6 +153,15 @@ def test_concurrent_requests_all_answered(server, trained_run, data_dir):
     assert all(len(r["top"]) == 3 for _, r in results)
 
 
+@pytest.mark.parametrize("query, status", [("top_k=10", 200), ("top_k=0", 422), ("top_k=11", 422),
+                                           ("top_k=x", 422), ("input=maybe", 422)])
+def test_query_parameters_are_checked(server, data_dir, query, status):
+    images, _ = load_split("test", data_dir)
+    got, result = post(server, multipart(png(images[0])), f"/v1/predict?{query}")
+    assert got == status
+    assert len(result["top"]) == 10 if status == 200 else "must be" in result["detail"]
+
+
 def test_web_page_has_no_external_assets(server):
     status, headers, page = get(server, "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
