@@ -1,11 +1,15 @@
 """Saving and loading trained models: weights as safetensors plus a JSON of metadata, each
-written atomically (a temporary file in the same folder, fsync, rename)."""
+written atomically (a temporary file in the same folder, fsync, rename); and the training state
+that `fmnist train --resume` continues from (last.pt, best.pt), read with weights_only=True so a
+crafted file cannot run code."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from fmnist import FmnistError, __version__
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+LAST_STATE = "last.pt"  # training state of the latest checkpoint
+BEST_STATE = "best.pt"  # training state at the best validation accuracy
+STATE_FORMAT = "fmnist-train-state/1"
 
 
 @contextmanager
@@ -37,6 +44,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -102,3 +124,82 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
         first = str(e).splitlines()[0]
         raise FmnistError(f"{path}: weights do not fit model {meta['model']!r} ({first})") from None
     return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a training state (tensors, numbers, strings, lists and dicts only) atomically."""
+    with atomic_open(path) as f:
+        torch.save({"format": STATE_FORMAT, "version": __version__, **state}, f)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A training state written by save_state, on the CPU. weights_only=True: a file holding
+    anything but tensors and plain containers is refused, never executed."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FmnistError(f"{path}: not found, no checkpoint to resume from") from None
+    except Exception as e:  # zip, pickle and weights-only errors each have their own type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FmnistError(f"{path}: not a valid fmnist training state ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise FmnistError(f"{path}: not an fmnist training state (format {found!r}, expected {STATE_FORMAT!r})")
+    return state
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to the CPU, strides kept, so
+    training can go on while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes training states on a background thread, one at a time, so the training loop only
+    pays for copying the tensors. A failed write leaves the previous file in place and is
+    reported through `log`; training goes on."""
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log
+        self.saved_step: dict[Path, int] = {}  # path -> step of the state it now holds
+        self._thread: threading.Thread | None = None
+        self._failed = False
+
+    def submit(self, paths: list[Path], state: dict[str, Any], before: Callable[[], None] | None = None) -> None:
+        """Write `state` to each path in turn; `before` runs first on the thread (e.g. fsync
+        the metrics the state points into)."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(paths, state, before), daemon=True)
+        self._thread.start()
+
+    def _write(self, paths, state, before) -> None:
+        for i, path in enumerate(paths):
+            try:
+                if before is not None and i == 0:
+                    before()
+                save_state(path, state)
+                self.saved_step[path] = state["step"]
+            except Exception as e:  # OSError (no space, quota...), or anything torch.save raises
+                reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else str(e)
+                held = self.saved_step.get(path)
+                kept = f"{path} still holds step {held}" if held is not None else f"{path} is left as it was"
+                self.log(f"warning: checkpoint of step {state['step']} not written: {reason}; {kept}")
+                self._failed = True
+
+    def wait(self) -> bool:
+        """Wait for the write in flight; False when it failed (the failure is already logged)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        ok, self._failed = not self._failed, False
+        return ok

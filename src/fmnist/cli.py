@@ -12,7 +12,7 @@ import json
 import sys
 
 from fmnist import FmnistError, __version__
-from fmnist.config import TrainConfig, resolve
+from fmnist.config import TrainConfig, resolve, resolve_train
 
 
 def _flag_type(annotation: str):
@@ -50,9 +50,13 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from fmnist.distributed import launch, launched_by_torchrun
     from fmnist.train import train
 
-    cfg = config_from_args(TrainConfig, args)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = resolve_train(args.config, **overrides)  # with --resume: the run's saved config
+    if cfg.nproc > 1 and not launched_by_torchrun():
+        return launch(cfg, quiet=args.quiet)
     train(cfg, progress=not args.quiet)
     return 0
 

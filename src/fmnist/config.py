@@ -42,6 +42,11 @@ class TrainConfig:
     data_dir: str | None = opt(None, "folder with the four IDX files (default: searched, see `fmnist download --help`)")
     out: str | None = opt(None, "run folder to create (default: runs/<time>-<model>)")
     plots: bool = opt(True, "write the PNG plots at the end")
+    # 200 writes 2 checkpoints in the post's 500 steps, plus the final one; each costs a copy of
+    # the weights and optimiser state, the file itself is written on a background thread.
+    checkpoint_every: int = opt(200, "steps between checkpoints of the training state (last.pt) for --resume; 0: only at the end and when stopped")
+    resume: str | None = opt(None, "run folder to continue from its last checkpoint, with its saved config; only --steps/--epochs (more), logging, checkpoint, device, threads, data-dir, nproc and plots flags may be given alongside")
+    nproc: int = opt(1, "processes to train on with DistributedDataParallel on this machine (one per GPU, or CPU processes), launched through torchrun; ignored under torchrun")
 
 
 def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
@@ -88,8 +93,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def resolve(cls, file: str | os.PathLike | None = None, **overrides):
-    """Defaults of `cls`, updated by a config file, updated by explicit overrides (not None)."""
+def _explicit_values(cls, file: str | os.PathLike | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The values a config file and explicit overrides (not None) set, checked against `cls`."""
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     if file is not None:
@@ -102,7 +107,68 @@ def resolve(cls, file: str | os.PathLike | None = None, **overrides):
     unknown = set(values) - set(known)
     if unknown:
         raise FmnistError(f"unknown config field {sorted(unknown)[0]!r}")
-    return cls(**values)
+    return values
+
+
+def resolve(cls, file: str | os.PathLike | None = None, **overrides):
+    """Defaults of `cls`, updated by a config file, updated by explicit overrides (not None)."""
+    return cls(**_explicit_values(cls, file, overrides))
+
+
+# What a resumed run may change: how long it trains, how it reports, where it runs. Everything
+# else would make it a different run than the one its checkpoint belongs to.
+RESUME_MAY_CHANGE = ("steps", "epochs", "log_every", "eval_every", "checkpoint_every", "plots",
+                     "device", "threads", "data_dir", "nproc")
+
+
+def check_resumable(saved: dict[str, Any], values: dict[str, Any]) -> None:
+    """Refuse values that differ from a run's saved config outside RESUME_MAY_CHANGE, and
+    shorter training than the run was set for."""
+    for name, value in values.items():
+        if name in ("resume", "out") or name not in saved or value == saved[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name not in RESUME_MAY_CHANGE:
+            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
+            raise FmnistError(f"{flag} {value} conflicts with the resumed run's {saved[name]}; "
+                              f"a resumed run may only change {allowed}")
+        if name in ("steps", "epochs") and saved[name] is not None and (value is None or value < saved[name]):
+            raise FmnistError(f"{flag} {value} would shorten the resumed run ({name} {saved[name]}); give more, not fewer")
+
+
+def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The fields of TrainConfig in a run folder's config.json."""
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise FmnistError(f"{run_dir}: no such run folder to resume")
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FmnistError(f"{path}: not found; {run_dir} is not a run folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FmnistError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise FmnistError(f"{path}: not an fmnist run config")
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in known}
+
+
+def resolve_train(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """`resolve(TrainConfig, ...)`; with `resume`, the base is the run's saved config.json
+    instead of the defaults, and only RESUME_MAY_CHANGE fields may differ from it."""
+    values = _explicit_values(TrainConfig, file, overrides)
+    run_dir = values.get("resume")
+    if run_dir is None:
+        return TrainConfig(**values)
+    if values.get("out") is not None and Path(values["out"]).resolve() != Path(run_dir).resolve():
+        raise FmnistError(f"--out {values['out']} conflicts with --resume {run_dir}: a resumed run continues in its own folder")
+    saved = read_saved_config(run_dir)
+    check_resumable(saved, values)
+    try:
+        return TrainConfig(**(saved | values | {"out": str(run_dir), "resume": str(run_dir)}))
+    except TypeError as e:
+        raise FmnistError(f"{Path(run_dir) / 'config.json'}: not an fmnist run config ({e})") from None
+
 
 
 def to_dict(config) -> dict[str, Any]:
