@@ -22,28 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from plain import PlainNet
 
 from fmnist.config import TrainConfig
 from fmnist.data import load_split, to_tensor
-from fmnist.train import autocast_dtype, train
-
-
-class PlainNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
-        self.fc1 = nn.Linear(7 * 7 * 64, 1024)
-        self.fc2 = nn.Linear(1024, 10)
-        self.dropout = nn.Dropout(0.25)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = self.dropout(F.relu(self.fc1(x)))
-        return self.fc2(x)
+from fmnist.device import autocast_dtype
+from fmnist.train import train
 
 
 def plain_loop(images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, seed: int) -> float:

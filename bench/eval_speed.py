@@ -1,0 +1,103 @@
+"""Evaluation throughput on the 10,000 test images, side by side in one run: a plain PyTorch
+loop of the post's network (NCHW, no_grad), fmnist's evaluation in fp32 and bf16, and the
+exported ONNX model in onnxruntime.
+
+    python bench/eval_speed.py                          # random weights: speed only
+    python bench/eval_speed.py --run runs/post          # a trained run: accuracy too
+    python bench/eval_speed.py --repeats 7 --json bench/eval_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from plain import PlainNet
+
+from fmnist.checkpoint import cpu_state_dict, load_model, save_model
+from fmnist.data import CLASS_NAMES, load_split, to_tensor
+from fmnist.evaluate import predict_logits
+from fmnist.models import build_model
+
+
+def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
+    fn()  # warm-up: allocations, oneDNN kernel selection
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), np.asarray(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="a run folder of the seed model (default: random weights)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the test set")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    run = args.run
+    if run is None:  # a run folder with untrained weights, so the export path can be timed too
+        run = Path(tmp.name) / "random"
+        run.mkdir()
+        (run / "config.json").write_text("{}")
+        save_model(run, build_model("seed"), {"model": "seed", "model_args": {}, "class_names": list(CLASS_NAMES),
+                                              "normalization": {"mean": 0.0, "std": 1.0}})
+    model, meta = load_model(run)
+    raw, labels = load_split("test")
+    norm = meta["normalization"]
+    images = to_tensor(raw, norm["mean"], norm["std"])
+    pixels = torch.as_tensor(raw, dtype=torch.float32).unsqueeze(1).numpy()
+    bs = args.batch_size
+
+    plain = PlainNet().load_fmnist_seed(cpu_state_dict(model)).eval()
+
+    def plain_loop():
+        with torch.no_grad():
+            return torch.cat([plain(images[i : i + bs]) for i in range(0, len(images), bs)]).argmax(1)
+
+    fast = model.to(memory_format=torch.channels_last)
+    variants = {
+        "plain PyTorch (NCHW, no_grad)": plain_loop,
+        "fmnist evaluate (fp32)": lambda: predict_logits(fast, images, bs).argmax(1),
+        "fmnist evaluate --precision bf16": lambda: predict_logits(fast, images, bs, torch.bfloat16).argmax(1),
+    }
+    try:
+        from fmnist.export import export_onnx, onnx_session
+
+        onnx_path = export_onnx(run, Path(tmp.name) / "model.onnx")
+        session = onnx_session(onnx_path)
+        variants["onnxruntime fp32 (exported)"] = lambda: np.concatenate(
+            [session.run(["logits"], {"pixels": pixels[i : i + bs]})[0] for i in range(0, len(pixels), bs)]
+        ).argmax(1)
+    except ImportError as e:
+        print(f"skipping onnxruntime: {e}")
+
+    results, reference = {}, None
+    print(f"10,000 test images, batch {bs}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'variant':<36} {'images/s':>9} {'ratio':>6} {'accuracy':>9} {'agree':>7}")
+    base = None
+    for name, fn in variants.items():
+        seconds, predictions = timed(fn, args.repeats)
+        reference = predictions if reference is None else reference
+        rate = len(raw) / seconds
+        base = base or rate
+        accuracy = float((predictions == labels).mean())
+        agree = float((predictions == reference).mean())
+        results[name] = {"images_per_s": rate, "seconds": seconds, "accuracy": accuracy, "agreement": agree}
+        print(f"{name:<36} {rate:9.0f} {rate / base:6.2f} {accuracy:9.4f} {agree:7.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Choosing the device and the arithmetic precision, once, for training and inference."""
+
+from __future__ import annotations
+
+import torch
+
+from fmnist import FmnistError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when present, else the CPU; anything else must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FmnistError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FmnistError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on a device; None means plain fp32.
+    "auto" is bf16 where the hardware computes it natively: CUDA devices with bf16 support,
+    CPUs with AVX-512 BF16 or AMX (oneDNN's bf16 kernels)."""
+    if precision not in PRECISIONS:
+        raise FmnistError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
