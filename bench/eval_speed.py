@@ -1,6 +1,6 @@
 """Evaluation throughput on the 10,000 test images, side by side in one run: a plain PyTorch
 loop of the post's network (NCHW, no_grad), fmnist's evaluation in fp32 and bf16, and the
-exported ONNX model in onnxruntime.
+exported ONNX model in onnxruntime, fp32 and int8.
 
     python bench/eval_speed.py                          # random weights: speed only
     python bench/eval_speed.py --run runs/post          # a trained run: accuracy too
@@ -74,11 +74,15 @@ def main() -> None:
     try:
         from fmnist.export import export_onnx, onnx_session
 
-        onnx_path = export_onnx(run, Path(tmp.name) / "model.onnx")
-        session = onnx_session(onnx_path)
-        variants["onnxruntime fp32 (exported)"] = lambda: np.concatenate(
-            [session.run(["logits"], {"pixels": pixels[i : i + bs]})[0] for i in range(0, len(pixels), bs)]
-        ).argmax(1)
+        def run_onnx(session):
+            return lambda: np.concatenate(
+                [session.run(["logits"], {"pixels": pixels[i : i + bs]})[0] for i in range(0, len(pixels), bs)]
+            ).argmax(1)
+
+        fp32 = export_onnx(run, Path(tmp.name) / "model.onnx")
+        int8 = export_onnx(run, Path(tmp.name) / "int8.onnx", quantize="int8")
+        variants["onnxruntime fp32 (fmnist export)"] = run_onnx(onnx_session(fp32))
+        variants["onnxruntime int8 (export --quantize)"] = run_onnx(onnx_session(int8))
     except ImportError as e:
         print(f"skipping onnxruntime: {e}")
 
