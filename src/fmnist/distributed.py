@@ -178,9 +178,12 @@ def launch(cfg, quiet: bool = False) -> int:
     torchrun with a c10d rendezvous on the loopback address; returns torchrun's exit status."""
     from fmnist.checkpoint import write_json
     from fmnist.config import to_dict
-    from fmnist.train import check_config
+    from fmnist.train import check_config, resolve_device
 
     check_config(cfg)  # a bad flag ends here in one line, not in one traceback per process
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
+        raise FmnistError(f"--nproc {cfg.nproc} needs as many GPUs, this machine has {torch.cuda.device_count()}")
     # The workers get the resolved config as a file: torchrun would take some flags for its own
     # (--nproc is a prefix of its --nproc-per-node).
     fd, config_file = tempfile.mkstemp(prefix="fmnist-train-", suffix=".json")
@@ -194,6 +197,8 @@ def launch(cfg, quiet: bool = False) -> int:
     env = dict(os.environ)
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo talks over loopback
+    if device.type == "cpu":  # share the cores (torchrun would give each process one)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
     process = subprocess.Popen(cmd, env=env)
     # A terminal's Ctrl-C reaches torchrun and the workers directly; SIGTERM is passed on.
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),

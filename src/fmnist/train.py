@@ -204,7 +204,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda":
+    if device.type == "cuda" and "cuda" in state:  # absent when the run began on the CPU
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -421,7 +421,9 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     run_dir = open_run_dir(cfg, ctx)
     checkpoints = Checkpoints(run_dir, stateful, ctx, MetricsLog(None), log)
     resumed = checkpoints.restore(steps) if cfg.resume else {}
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    net = model
+    if ctx.enabled:  # averages the gradients over the processes during backward
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     if ctx.is_main:
         resolved = {"out": str(run_dir), "total_steps": steps, "device_resolved": str(device),
@@ -507,11 +509,6 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
         test_result = run_eval("test", steps)
         metrics.write(step=steps, train_seconds=train_seconds)
         metrics.flush()
-        improved = val_result is not None and (best_val is None or val_result.accuracy > best_val)
-        best_val = val_result.accuracy if improved else best_val
-        # Without evaluations during training there is nothing to choose from: last.pt is best.
-        checkpoints.save(steps, [LAST_STATE] + [BEST_STATE] * (improved and cfg.eval_every > 0),
-                         best_val_accuracy=best_val, train_seconds=train_seconds)
         log(f"trained {steps} steps in {train_seconds:.1f} s")
         if val_result is not None:
             log(f"validation accuracy {val_result.accuracy:.4f}")
@@ -534,6 +531,14 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                 },
             }
             save_model(run_dir, model, meta)
+        # After model.json: a run killed before this point resumes from its previous checkpoint
+        # and trains its last steps again. Without evaluations during training there is no
+        # choice of best: last.pt is it.
+        improved = val_result is not None and (best_val is None or val_result.accuracy > best_val)
+        best_val = val_result.accuracy if improved else best_val
+        checkpoints.save(steps, [LAST_STATE] + [BEST_STATE] * (improved and cfg.eval_every > 0),
+                         best_val_accuracy=best_val, train_seconds=train_seconds)
+        if ctx.is_main:
             if cfg.plots:
                 from fmnist.plots import write_plots
 
