@@ -178,7 +178,8 @@ def launch(cfg, quiet: bool = False) -> int:
     torchrun with a c10d rendezvous on the loopback address; returns torchrun's exit status."""
     from fmnist.checkpoint import write_json
     from fmnist.config import to_dict
-    from fmnist.train import check_config, resolve_device
+    from fmnist.device import resolve_device
+    from fmnist.train import check_config
 
     check_config(cfg)  # a bad flag ends here in one line, not in one traceback per process
     device = resolve_device(cfg.device)

@@ -39,39 +39,10 @@ from fmnist.checkpoint import (
 )
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
 from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, NUM_CLASSES, load_split, to_tensor
+from fmnist.device import PRECISIONS, autocast_dtype, resolve_device
 from fmnist.distributed import Dist, GracefulStop, setup
 from fmnist.evaluate import Evaluation, evaluate, predict_logits, score
 from fmnist.models import INIT_SCHEMES, build_model, init_weights, model_spec
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FmnistError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FmnistError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision setting on a device; None means plain fp32."""
-    if precision not in PRECISIONS:
-        raise FmnistError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 @dataclass
