@@ -23,13 +23,27 @@ def opt(default: Any, help: str):
 class TrainConfig:
     """What `fmnist train` does. The defaults are the post's recipe."""
 
+    preset: str | None = opt(None, "named recipe: seed (the post), cpu-fast, gpu-fast, best (see fmnist.presets); --config and flags override its fields")
     model: str = opt("seed", "network, a name from `fmnist models`")
     init: str = opt("default", "initialisation: 'default' (PyTorch's) or 'seed' (every weight and bias ~ N(0, 1), as the post)")
     keep_prob: float = opt(0.75, "dropout keep probability of the seed networks (the post's `dropout`)")
     steps: int = opt(500, "optimiser steps (the post's num_steps)")
     epochs: float | None = opt(None, "passes over the training split; overrides --steps when set")
     batch_size: int = opt(128, "images per optimiser step")
-    lr: float = opt(0.001, "Adam learning rate")
+    lr: float = opt(0.001, "learning rate (the peak, with a schedule)")
+    optimizer: str = opt("adam", "'adam' (the post), 'adamw' or 'sgd' (with Nesterov momentum)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "weight decay (decoupled from the gradient for adamw)")
+    schedule: str = opt("constant", "learning rate over the run: 'constant' (the post), 'cosine' (to 0), 'onecycle' (linear up to --lr, then linearly down to 0)")
+    warmup: float = opt(0.0, "fraction of the steps the learning rate rises from 0 (the peak of onecycle)")
+    label_smoothing: float = opt(0.0, "weight of the uniform distribution mixed into the targets")
+    grad_clip: float = opt(0.0, "clip the gradients' total norm to this (0: no clipping)")
+    translate: int = opt(0, "augmentation: shift each image by up to this many pixels")
+    flip: bool = opt(False, "augmentation: mirror half the images left-right")
+    erase: float = opt(0.0, "augmentation: probability of erasing a random rectangle")
+    ema: float = opt(0.0, "decay of an exponential moving average of the weights, which is evaluated and saved (0: off)")
+    tta: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror image")
+    compile: bool = opt(False, "torch.compile the network for training")
     seed: int = opt(0, "seed of every random generator: same seed, same numbers on the CPU")
     val_size: int = opt(5000, "images held out of the training file for validation (its first ones, as the post's loader)")
     normalize: bool = opt(False, "standardise pixels by the training mean and std (the post only scales them to 0..1)")
@@ -159,7 +173,10 @@ def resolve_train(file: str | os.PathLike | None = None, **overrides) -> TrainCo
     values = _explicit_values(TrainConfig, file, overrides)
     run_dir = values.get("resume")
     if run_dir is None:
-        return TrainConfig(**values)
+        from fmnist.presets import preset
+
+        base = preset(values["preset"]) if values.get("preset") else {}
+        return TrainConfig(**(base | values))
     if values.get("out") is not None and Path(values["out"]).resolve() != Path(run_dir).resolve():
         raise FmnistError(f"--out {values['out']} conflicts with --resume {run_dir}: a resumed run continues in its own folder")
     saved = read_saved_config(run_dir)

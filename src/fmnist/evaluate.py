@@ -25,10 +25,12 @@ def uses_channels_last(model: nn.Module) -> bool:
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 1000, amp_dtype: torch.dtype | None = None
+    model: nn.Module, images: torch.Tensor, batch_size: int = 1000, amp_dtype: torch.dtype | None = None,
+    tta: bool = False,
 ) -> torch.Tensor:
     """Logits (N, classes) of normalised images (N, 1, 28, 28), in eval mode, batch by batch,
-    under autocast to `amp_dtype` when given."""
+    under autocast to `amp_dtype` when given; with `tta`, the mean of the logits of each image
+    and its mirror image."""
     was_training = model.training
     model.eval()
     channels_last = uses_channels_last(model)
@@ -38,7 +40,10 @@ def predict_logits(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs.append(model(x).float())
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        outputs.append(logits)
     model.train(was_training)
     return torch.cat(outputs)
 
@@ -80,9 +85,9 @@ def score(logits: torch.Tensor, labels: torch.Tensor, class_names=CLASS_NAMES) -
 
 def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class_names=CLASS_NAMES,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None, tta: bool = False,
 ) -> Evaluation:
-    return score(predict_logits(model, images, amp_dtype=amp_dtype), labels, class_names)
+    return score(predict_logits(model, images, amp_dtype=amp_dtype, tta=tta), labels, class_names)
 
 
 def load_test_tensors(meta: dict, data_dir=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +109,7 @@ def evaluate_run(run_dir, data_dir=None, device="cpu", precision: str = "fp32") 
     model, meta = load_model(run_dir, device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     images, labels, _ = load_test_tensors(meta, data_dir, device)
-    return evaluate(model, images, labels, meta["class_names"], amp_dtype)
+    return evaluate(model, images, labels, meta["class_names"], amp_dtype, tta=meta.get("tta", False))
 
 
 def format_evaluation(result: Evaluation) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fmnist import FmnistError
 from fmnist.checkpoint import (
@@ -38,6 +39,7 @@ from fmnist.checkpoint import (
     write_json,
 )
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
+from fmnist.augment import random_erase, random_flip, random_translate
 from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, NUM_CLASSES, load_split, to_tensor
 from fmnist.device import PRECISIONS, autocast_dtype, resolve_device
 from fmnist.distributed import Dist, GracefulStop, setup
@@ -128,14 +130,59 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
     return cfg.steps
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
 def lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
-    """The learning rate of a step: constant, as the post."""
-    return cfg.lr
+    """The learning rate of a step: a linear rise over the first `warmup` fraction of the steps,
+    then constant (the post), a cosine to 0, or (onecycle) a straight line down to 0."""
+    warm = round(cfg.warmup * steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    done = (step - warm) / max(1, steps - warm)  # 0 -> 1 after the warm-up
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return cfg.lr * (1 - done)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # The fused kernel updates all parameters in one pass: same maths as torch.optim.Adam's.
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    # The fused kernels update all parameters in one pass, with the same maths.
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+class Augment:
+    """The run's augmentations, drawn from their own generator so that a resumed run draws
+    the same ones; `fill` is the normalised value of a black pixel, the dataset's background."""
+
+    def __init__(self, cfg: TrainConfig, fill: float, device: torch.device):
+        self.cfg, self.fill = cfg, fill
+        self.generator = torch.Generator(device).manual_seed(cfg.seed + 7919)
+        self.enabled = bool(cfg.translate or cfg.flip or cfg.erase)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if self.cfg.translate:
+            x = random_translate(x, self.generator, self.cfg.translate, self.fill)
+        if self.cfg.flip:
+            x = random_flip(x, self.generator)
+        if self.cfg.erase:
+            x = random_erase(x, self.generator, self.cfg.erase, fill=self.fill)
+        return x.contiguous(memory_format=memory_format)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -143,6 +190,14 @@ def check_config(cfg: TrainConfig) -> None:
     model_spec(cfg.model)
     if cfg.init not in INIT_SCHEMES:
         raise FmnistError(f"unknown init {cfg.init!r}; choose from: {', '.join(INIT_SCHEMES)}")
+    for name, value, choices in (("optimizer", cfg.optimizer, OPTIMIZERS), ("schedule", cfg.schedule, SCHEDULES)):
+        if value not in choices:
+            raise FmnistError(f"unknown {name} {value!r}; choose from: {', '.join(choices)}")
+    for name in ("warmup", "label_smoothing", "erase", "ema"):
+        if not 0.0 <= getattr(cfg, name) < 1.0 + (name == "erase"):
+            raise FmnistError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(cfg, name)}")
+    if cfg.translate < 0 or cfg.grad_clip < 0:
+        raise FmnistError("--translate and --grad-clip must not be negative")
     if cfg.precision not in PRECISIONS:
         raise FmnistError(f"unknown precision {cfg.precision!r}; choose from: {', '.join(PRECISIONS)}")
     for name in ("batch_size", "nproc"):
@@ -179,12 +234,15 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None,
+               label_smoothing: float = 0.0, grad_clip: float = 0.0) -> torch.Tensor:
     """One optimiser step on a batch; returns the mean batch loss, still on the device."""
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach()
 
@@ -323,14 +381,14 @@ class TrainingStopped(KeyboardInterrupt):
     """Training stopped at a step boundary on SIGINT or SIGTERM, after writing a checkpoint."""
 
 
-def evaluate_split(model: nn.Module, split: Split, ctx: Dist) -> Evaluation:
+def evaluate_split(model: nn.Module, split: Split, ctx: Dist, tta: bool = False) -> Evaluation:
     """The evaluation of a whole split; under torchrun each process scores its share and the
     logits are gathered, so every process holds the same result."""
     if not ctx.enabled:
-        return evaluate(model, split.images, split.labels)
+        return evaluate(model, split.images, split.labels, tta=tta)
     part = ctx.shard(len(split))
     if part.start < part.stop:
-        logits = predict_logits(model, split.images[part])
+        logits = predict_logits(model, split.images[part], tta=tta)
     else:
         logits = split.images.new_zeros((0, NUM_CLASSES))
     return score(ctx.gather_rows(logits), split.labels)
@@ -380,9 +438,17 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     model, model_args = build_network(cfg, device)
     optimizer = build_optimizer(model, cfg, device)
     sampler = BatchSampler(len(train_split), cfg.batch_size, cfg.seed, device)
-    # Everything a checkpoint restores besides the RNG and the step; a new stateful component
-    # (an EMA of the weights, an LR scheduler) is one more entry here.
-    stateful = {"model": model, "optimizer": optimizer, "sampler": sampler}
+    augment = Augment(cfg, fill=-normalization(cfg)["mean"] / normalization(cfg)["std"], device=device)
+    # The weights evaluated and saved: an exponential moving average of the trained ones
+    # (batch-norm statistics included) when --ema is set, else the trained ones.
+    ema = None
+    if cfg.ema:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    final = ema.module if ema is not None else model
+    # Everything a checkpoint restores besides the RNG and the step.
+    stateful = {"model": model, "optimizer": optimizer, "sampler": sampler, "augment": augment}
+    if ema is not None:
+        stateful["ema"] = ema
     if ctx.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # its own dropout masks
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -395,6 +461,8 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     net = model
     if ctx.enabled:  # averages the gradients over the processes during backward
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     if ctx.is_main:
         resolved = {"out": str(run_dir), "total_steps": steps, "device_resolved": str(device),
@@ -410,7 +478,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
             f"no checkpoint in {run_dir} yet: training it from the start")
 
     def run_eval(split: str, step: int) -> Evaluation:
-        result = evaluate_split(model, data[split], ctx)
+        result = evaluate_split(final, data[split], ctx, tta=cfg.tta)
         metrics.write(step=step, split=split, accuracy=result.accuracy, loss=result.loss)
         return result
 
@@ -445,7 +513,13 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                 idx = sampler.next()
                 if ctx.enabled:
                     idx = idx.tensor_split(ctx.world_size)[ctx.rank]  # this process's slice of the batch
-                loss = train_step(net, optimizer, images[idx], train_split.labels[idx], amp_dtype)
+                x = images[idx]
+                if augment.enabled:
+                    x = augment(x)
+                loss = train_step(net, optimizer, x, train_split.labels[idx], amp_dtype,
+                                  cfg.label_smoothing, cfg.grad_clip)
+                if ema is not None:
+                    ema.update_parameters(model)
                 pending.append((step, lr, loss))
                 done = step + 1
                 stopping = stop.requested() and done < steps
@@ -491,6 +565,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                 "model_args": model_args,
                 "class_names": list(CLASS_NAMES),
                 "normalization": normalization(cfg),
+                "tta": cfg.tta,
                 "input": {"height": 28, "width": 28, "channels": 1, "scale": "pixels / 255"},
                 "config": to_dict(cfg),
                 "steps": steps,
@@ -501,7 +576,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                     "val_accuracy": val_result.accuracy if val_result else None,
                 },
             }
-            save_model(run_dir, model, meta)
+            save_model(run_dir, final, meta)
         # After model.json: a run killed before this point resumes from its previous checkpoint
         # and trains its last steps again. Without evaluations during training there is no
         # choice of best: last.pt is it.
@@ -519,4 +594,4 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     finally:
         checkpoints.wait()
         metrics.close()
-    return TrainResult(run_dir, test_result, val_result, steps, train_seconds, model)
+    return TrainResult(run_dir, test_result, val_result, steps, train_seconds, final)
