@@ -19,17 +19,17 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> 
 
 def random_translate(x: torch.Tensor, generator: torch.Generator, pad: int, fill: float = 0.0) -> torch.Tensor:
     """Shift each image by up to `pad` pixels in each direction, filling with `fill`: pad the
-    batch once, then crop every image at its own offset with one gather."""
+    batch once, then crop every image at its own offset with one gather over the flattened
+    pixels."""
     if pad <= 0:
         return x
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=fill)  # (B, C, H+2p, W+2p)
-    offsets = (_uniform(2 * b, generator, x.device) * (2 * pad + 1)).long().view(2, b)
-    rows = (offsets[0].view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-    cols = (offsets[1].view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-    batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[batch, channel, rows, cols]
+    side = w + 2 * pad
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=fill).flatten(2)  # (B, C, (H+2p)(W+2p))
+    dy, dx = (_uniform(2 * b, generator, x.device) * (2 * pad + 1)).long().view(2, b, 1)
+    window = (torch.arange(h, device=x.device).view(h, 1) * side + torch.arange(w, device=x.device)).view(1, -1)
+    index = (window + dy * side + dx).unsqueeze(1).expand(b, c, h * w)  # (B, C, H*W)
+    return padded.gather(2, index).view(b, c, h, w)
 
 
 def random_erase(
