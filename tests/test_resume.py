@@ -86,15 +86,18 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(data, reference, tmp_p
     args = ["train", *as_flags(FLAGS), "--data-dir", str(data), "--out", str(run), "--quiet"]
     code, _ = signal_after(args, run, 7, signal.SIGKILL, tmp_path / "1.log")
     assert code == -signal.SIGKILL
-    first = load_state(run / "last.pt")["step"]
-    assert 5 <= first < 24
+    # The checkpoint of step 5 may still have been on its way to the disk: then none is there.
+    held = lambda: load_state(run / "last.pt")["step"] if (run / "last.pt").exists() else 0  # noqa: E731
+    first = held()
+    assert first in (0, 5, 10, 15, 20)
     # Killed again while resuming, then resumed to the end.
-    code, _ = signal_after(["train", "--resume", str(run), "--quiet"], run, 17, signal.SIGKILL, tmp_path / "2.log")
+    code, _ = signal_after(["train", "--resume", str(run), "--quiet"], run, 13, signal.SIGKILL, tmp_path / "2.log")
     assert code == -signal.SIGKILL
-    assert load_state(run / "last.pt")["step"] >= first
+    second = held()
+    assert second >= first
     result = fmnist("train", "--resume", str(run), "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "resuming from step" in result.stdout
+    assert (f"resuming from step {second}" in result.stdout) == (second > 0)
     assert_same_run(reference, run)
     assert not list(run.glob(".*.tmp"))
 
