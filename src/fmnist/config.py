@@ -49,6 +49,7 @@ class TrainConfig:
     normalize: bool = opt(False, "standardise pixels by the training mean and std (the post only scales them to 0..1)")
     log_every: int = opt(100, "steps between printed loss lines (the post's 100)")
     eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)")
+    eval_test: bool = opt(False, "also evaluate the test set at each --eval-every, for time-to-accuracy benchmarks (choose settings on validation)")
     device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     precision: str = opt("auto", "'fp32', 'bf16' (autocast, weights stay fp32) or 'auto': bf16 where the device computes it natively (recent GPUs, CPUs with AVX-512 BF16 or AMX)")
     threads: int = opt(0, "intra-op CPU threads (0: PyTorch's default, one per core)")
@@ -131,7 +132,7 @@ def resolve(cls, file: str | os.PathLike | None = None, **overrides):
 
 # What a resumed run may change: how long it trains, how it reports, where it runs. Everything
 # else would make it a different run than the one its checkpoint belongs to.
-RESUME_MAY_CHANGE = ("steps", "epochs", "log_every", "eval_every", "checkpoint_every", "plots",
+RESUME_MAY_CHANGE = ("steps", "epochs", "log_every", "eval_every", "eval_test", "checkpoint_every", "plots",
                      "device", "threads", "data_dir", "nproc")
 
 

@@ -18,7 +18,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-fast": {
         "model": "fast",
         "normalize": True,
-        "epochs": 8.0,
+        "epochs": 10.0,
         "batch_size": 256,
         "optimizer": "sgd",
         "lr": 0.2,

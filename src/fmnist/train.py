@@ -477,9 +477,18 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
         log(f"resuming from step {start} ({run_dir / LAST_STATE})" if start else
             f"no checkpoint in {run_dir} yet: training it from the start")
 
+    def elapsed() -> float:
+        """Seconds of training so far, evaluations during it not counted."""
+        return seconds_before + time.perf_counter() - clock - eval_seconds
+
     def run_eval(split: str, step: int) -> Evaluation:
+        nonlocal eval_seconds
+        begin = time.perf_counter()
         result = evaluate_split(final, data[split], ctx, tta=cfg.tta)
-        metrics.write(step=step, split=split, accuracy=result.accuracy, loss=result.loss)
+        took = time.perf_counter() - begin
+        metrics.write(step=step, split=split, accuracy=result.accuracy, loss=result.loss,
+                      train_seconds=elapsed() + took, eval_seconds=took)
+        eval_seconds += took
         return result
 
     def write_losses() -> float:
@@ -501,7 +510,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     best_val = resumed.get("best_val_accuracy")
     seconds_before = resumed.get("train_seconds", 0.0)
     model.train()
-    clock = time.perf_counter()
+    clock, eval_seconds = time.perf_counter(), 0.0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -533,13 +542,15 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                 new_best = False
                 if evaluating:
                     val_result, val_step = run_eval("val", done), done
+                    if cfg.eval_test and done < steps:
+                        run_eval("test", done)
                     model.train()
                     new_best = done < steps and (best_val is None or val_result.accuracy > best_val)
                     best_val = val_result.accuracy if new_best else best_val
                 names = [LAST_STATE] * bool(checkpoint) + [BEST_STATE] * new_best
                 if names:
                     checkpoints.save(done, names, best_val_accuracy=best_val,
-                                     train_seconds=seconds_before + time.perf_counter() - clock)
+                                     train_seconds=elapsed())
                 if stopping:
                     bar.close()
                     held = checkpoints.last_good()
@@ -547,7 +558,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                         f"continue with: fmnist train --resume {run_dir}")
                     raise TrainingStopped
         bar.close()
-        train_seconds = seconds_before + time.perf_counter() - clock
+        train_seconds = elapsed()
 
         if len(data["val"]) and val_step != steps:
             val_result = run_eval("val", steps)
