@@ -28,3 +28,8 @@ def test_post_recipe_with_pytorch_init(tmp_path, capsys, data_dir):
 
 def test_post_recipe_with_the_posts_init(tmp_path, capsys, data_dir):
     assert 0.78 <= train_and_read_accuracy(tmp_path, capsys, "--init", "seed") <= 0.86
+
+
+def test_cpu_fast_preset(tmp_path, capsys, data_dir):
+    """The cpu-fast recipe (its target: 93% within 5 minutes on a 2-core CPU)."""
+    assert train_and_read_accuracy(tmp_path, capsys, "--preset", "cpu-fast") >= 0.92

@@ -129,6 +129,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fmnist.report import run_ladder
+
+    path = run_ladder(args.out, quick=args.quick, include_best=args.include_best, data_dir=args.data_dir,
+                      device=args.device, progress=not args.quiet)
+    print(f"report written to {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -175,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fmnist train`")
     p.add_argument("--data-dir", help=data_dir_help)
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("report", help="train the ladder from the post to the best recipe and report",
+                       description="Train a sequence of runs from the post's recipe upwards, one change "
+                       "at a time, and write report.md with each step's accuracy, time and curves. "
+                       "Finished runs in the report folder are reused.")
+    p.add_argument("--out", default="reports/ladder", help="report folder (default: reports/ladder)")
+    p.add_argument("--quick", action="store_true", help="short runs: a few minutes on a laptop CPU")
+    p.add_argument("--include-best", action="store_true", help="add the wide ResNet rung (hours on a CPU; for a GPU)")
+    p.add_argument("--device", default="auto", help="device to train on (default: auto)")
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list the registered networks",
                        description="List the registered networks with parameters and FLOPs per image.")

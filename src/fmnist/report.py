@@ -1,0 +1,172 @@
+"""The ladder from the post to the best recipe, one change at a time: each rung is a training
+run, and the report shows what each change bought in accuracy and time.
+
+    fmnist report --quick            # a few minutes on a laptop CPU: short runs
+    fmnist report                    # the full ladder (the cpu-fast preset's length per rung)
+    fmnist report --out reports/ladder --include-best   # and the wide ResNet (for a GPU)
+
+Runs already in the report folder with the same config are reused, so an interrupted report
+picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmnist import FmnistError
+from fmnist.checkpoint import atomic_open, read_json
+from fmnist.config import TrainConfig, to_dict
+from fmnist.presets import preset
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str  # short id, also the run folder's name
+    change: str  # what this rung adds to the one before, for the report
+    overrides: dict  # config fields set on top of the previous rung's
+
+
+def ladder(quick: bool, include_best: bool) -> list[Rung]:
+    """The rungs in order; each inherits every change above it."""
+    epochs = 1.0 if quick else preset("cpu-fast")["epochs"]
+    rungs = [
+        Rung("01-post", "the post: N(0, 1) initialisation, Adam 1e-3, batch 128, 500 steps", {"init": "seed"}),
+        Rung("02-init", "PyTorch's initialisation (scaled to each layer's fan-in)", {"init": "default"}),
+        Rung("03-batchnorm", "batch normalisation and standardised inputs", {"model": "seed-bn", "normalize": True}),
+        Rung("04-schedule", f"{epochs:g} epochs of SGD with Nesterov momentum, one-cycle schedule, "
+             "weight decay, label smoothing",
+             {"epochs": epochs, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4,
+              "schedule": "onecycle", "warmup": 0.15, "label_smoothing": 0.1}),
+        Rung("05-augment", "augmentation: random shifts of up to 2 pixels and mirror images",
+             {"translate": 2, "flip": True}),
+        Rung("06-ema", "an exponential moving average of the weights, evaluated and saved",
+             {"ema": 0.99 if quick else 0.998}),
+        Rung("07-tta", "test-time augmentation: each image and its mirror image", {"tta": True}),
+        Rung("08-network", "a better network for the CPU (`fast`, the cpu-fast preset's)",
+             {"model": "fast", "lr": 0.2}),
+    ]
+    if include_best:
+        best = {k: v for k, v in preset("best").items() if k != "epochs"}
+        rungs.append(Rung("09-wide-resnet", "a wide ResNet with random erasing (the best preset's recipe)",
+                          best | ({"epochs": 1.0} if quick else {"epochs": preset("best")["epochs"]})))
+    return rungs
+
+
+def rung_configs(rungs: list[Rung], out: Path, **common) -> list[TrainConfig]:
+    values: dict = {}
+    configs = []
+    for rung in rungs:
+        values |= rung.overrides
+        configs.append(TrainConfig(**(values | common | {"out": str(out / rung.name)})))
+    return configs
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    """Whether the rung's run folder holds a finished run of exactly this config."""
+    run = Path(cfg.out)
+    if not (run / "model.json").is_file():
+        return False
+    saved = read_json(run / "model.json").get("config", {})
+    return saved == to_dict(cfg)
+
+
+def run_ladder(out, quick: bool = False, include_best: bool = False, data_dir=None, device: str = "auto",
+               progress: bool = True, log=print) -> Path:
+    """Train (or reuse) every rung, then write report.md with its plots into `out`."""
+    from fmnist.train import train
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FmnistError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    rungs = ladder(quick, include_best)
+    configs = rung_configs(rungs, out, data_dir=data_dir, device=device, plots=True)
+    for i, (rung, cfg) in enumerate(zip(rungs, configs, strict=True), 1):
+        if _finished(cfg):
+            log(f"[{i}/{len(rungs)}] {rung.name}: reusing {cfg.out}")
+            continue
+        if Path(cfg.out).exists():
+            shutil.rmtree(cfg.out)  # an unfinished or outdated run of this rung
+        log(f"[{i}/{len(rungs)}] {rung.name}: {rung.change}")
+        train(cfg, progress=progress, log=log)
+    return write_report(out, rungs, configs, quick)
+
+
+def _run_summary(run: Path) -> dict:
+    meta = read_json(run / "model.json")
+    losses = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record and "split" not in record:
+            losses.append((record["step"], record["loss"]))
+    return {"accuracy": meta["metrics"]["test_accuracy"], "val": meta["metrics"].get("val_accuracy"),
+            "seconds": meta["train_seconds"], "steps": meta["steps"], "losses": losses,
+            "batch": meta["config"]["batch_size"]}
+
+
+def write_report(out: Path, rungs: list[Rung], configs: list[TrainConfig], quick: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    summaries = [_run_summary(Path(cfg.out)) for cfg in configs]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for rung, s in zip(rungs, summaries, strict=True):
+        steps, losses = np.asarray(s["losses"]).T
+        images = steps * s["batch"] / 1000  # thousands of images seen, comparable across batch sizes
+        k = max(1, len(losses) // 100)  # smooth each curve over about 1% of its run
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(images[k - 1:], smooth, label=rung.name, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("training images seen (thousands)")
+    ax.set_ylabel("training loss (batch mean, smoothed)")
+    ax.set_title("Training loss of each rung")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    with atomic_open(out / "ladder_loss.png") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    accs = [100 * s["accuracy"] for s in summaries]
+    ax.barh([r.name for r in rungs][::-1], accs[::-1], color="tab:blue")
+    for y, a in enumerate(accs[::-1]):
+        ax.text(a + 0.1, y, f"{a:.2f}%", va="center", fontsize=8)
+    ax.set_xlim(min(accs) - 3, max(accs) + 2)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title("Test accuracy up the ladder")
+    with atomic_open(out / "ladder_accuracy.png") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    lines = [
+        "# From the post to the state of the art, one change at a time",
+        "",
+        f"Each rung keeps every change above it and adds one. {'Quick setting: short runs.' if quick else ''}",
+        "Test accuracy is on the 10,000 test images; choices were made on the validation split.",
+        "",
+        "| rung | change | test accuracy | gain | training s |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    previous = None
+    for rung, s in zip(rungs, summaries, strict=True):
+        gain = "" if previous is None else f"{100 * (s['accuracy'] - previous):+.2f}"
+        lines.append(f"| [{rung.name}]({rung.name}/) | {rung.change} | {100 * s['accuracy']:.2f}% | {gain} | "
+                     f"{s['seconds']:.1f} |")
+        previous = s["accuracy"]
+    lines += ["", "![test accuracy](ladder_accuracy.png)", "", "![training loss](ladder_loss.png)", ""]
+    for rung in rungs:
+        lines += [f"## {rung.name}", "", rung.change, "",
+                  f"config: [{rung.name}/config.json]({rung.name}/config.json)", "",
+                  f"![cost]({rung.name}/cost.png) ![confusion]({rung.name}/confusion_matrix.png)", ""]
+    path = out / "report.md"
+    with atomic_open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+

@@ -1,0 +1,65 @@
+"""`fmnist report`: the ladder of runs and its report."""
+
+import json
+
+import pytest
+
+from fmnist import report
+from fmnist.cli import main
+from fmnist.report import Rung
+
+
+@pytest.fixture
+def tiny_ladder(monkeypatch):
+    """The real ladder's changes, each run cut to a few steps on small batches."""
+    real = report.ladder
+
+    def short(quick, include_best):
+        rungs = real(quick, include_best)
+        return [Rung(r.name, r.change, r.overrides | {"steps": 6, "epochs": None, "batch_size": 16,
+                                                     "val_size": 32, "log_every": 3}) for r in rungs]
+
+    monkeypatch.setattr(report, "ladder", short)
+
+
+def test_report_trains_each_rung_and_reuses_them(tiny_ladder, synthetic_dir, tmp_path):
+    out = tmp_path / "ladder"
+    path = report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=lambda *_: None)
+    text = path.read_text()
+    names = [r.name for r in report.ladder(True, False)]
+    assert len(names) == 8
+    for name in names:
+        assert f"[{name}]({name}/)" in text
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["out"] == str(out / name)
+    assert json.loads((out / "01-post" / "config.json").read_text())["init"] == "seed"
+    last = json.loads((out / "08-network" / "config.json").read_text())
+    assert (last["model"], last["translate"], last["flip"], last["tta"]) == ("fast", 2, True, True)
+    assert last["ema"] > 0 and last["schedule"] == "onecycle"
+    for image in ("ladder_accuracy.png", "ladder_loss.png"):
+        assert (out / image).read_bytes()[:4] == b"\x89PNG"
+
+    before = {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in names}
+    logs = []
+    report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=logs.append)
+    assert sum("reusing" in line for line in logs) == 8
+    assert before == {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in names}
+
+
+def test_report_refuses_a_file_as_folder(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["report", "--out", str(tmp_path / "f"), "--quick", "--quiet"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_report_on_real_data_climbs(tmp_path, data_dir):
+    """The --quick ladder on the real data: the top rung beats the post by a wide margin."""
+    assert main(["report", "--quick", "--out", str(tmp_path / "ladder"), "--quiet"]) == 0
+    accuracy = {}
+    for run in sorted((tmp_path / "ladder").iterdir()):
+        if (run / "model.json").is_file():
+            accuracy[run.name] = json.loads((run / "model.json").read_text())["metrics"]["test_accuracy"]
+    assert len(accuracy) == 8
+    assert 0.78 <= accuracy["01-post"] <= 0.86
+    assert accuracy["08-network"] >= 0.88 and accuracy["08-network"] > accuracy["01-post"] + 0.04
