@@ -71,7 +71,7 @@ def test_learning_rate_schedules():
     warm = lrs(schedule="cosine", warmup=0.1)
     assert warm[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert warm[10] == pytest.approx(1.0) and warm[-1] < 0.01
-    assert all(a >= b for a, b in zip(warm[10:], warm[11:]))
+    assert all(a >= b for a, b in zip(warm[10:], warm[11:], strict=False))
     cycle = lrs(schedule="onecycle", warmup=0.25)
     assert max(cycle) == pytest.approx(1.0) and cycle.index(max(cycle)) in (24, 25)
     assert cycle[-1] == pytest.approx(1 / 75)
@@ -95,7 +95,7 @@ def test_label_smoothing_and_gradient_clipping():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loss = train_step(model, optimizer, x, y, label_smoothing=0.2, grad_clip=1e-3)
-    change = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    change = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True)))
     assert change <= 1e-3 * 1.0001  # lr 1, clipped norm 1e-3
     logits = torch.randn(8, 10)
     target = torch.arange(8)
@@ -168,5 +168,5 @@ def test_compiled_training_matches_eager(synthetic_dir, tmp_path):
     kw = dict(model="seed", precision="fp32", steps=3, plots=False)
     eager = train(small(synthetic_dir, tmp_path / "e", **kw), progress=False, log=lambda *_: None)
     compiled = train(small(synthetic_dir, tmp_path / "c", compile=True, **kw), progress=False, log=lambda *_: None)
-    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

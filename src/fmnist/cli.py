@@ -81,7 +81,13 @@ def cmd_plot(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from fmnist.models import build_model, count_parameters, flops_per_image, model_names, model_spec
+    from fmnist.models import (
+        build_model,
+        count_parameters,
+        flops_per_image,
+        model_names,
+        model_spec,
+    )
 
     rows = []
     for name in model_names():

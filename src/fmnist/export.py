@@ -133,7 +133,12 @@ def quantize_int8(model: bytes, data_dir=None, calibration_images: int = CALIBRA
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from fmnist.data import load_split

@@ -29,6 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fmnist import FmnistError
+from fmnist.augment import random_erase, random_flip, random_translate
 from fmnist.checkpoint import (
     BEST_STATE,
     LAST_STATE,
@@ -39,7 +40,6 @@ from fmnist.checkpoint import (
     write_json,
 )
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
-from fmnist.augment import random_erase, random_flip, random_translate
 from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, NUM_CLASSES, load_split, to_tensor
 from fmnist.device import PRECISIONS, autocast_dtype, resolve_device
 from fmnist.distributed import Dist, GracefulStop, setup
