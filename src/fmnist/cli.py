@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from fmnist import FmnistError, __version__
@@ -252,13 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process meets the same error: rank 0 alone says it.
+    say = os.environ.get("RANK", "0") == "0"
     try:
         return args.func(args)
     except FmnistError as e:
-        print(f"fmnist: error: {e}", file=sys.stderr)
+        if say:
+            print(f"fmnist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fmnist: interrupted", file=sys.stderr)
+        if say:
+            print("fmnist: interrupted", file=sys.stderr)
         return 130
 
 
