@@ -31,7 +31,7 @@ class Rung:
 
 def ladder(quick: bool, include_best: bool) -> list[Rung]:
     """The rungs in order; each inherits every change above it."""
-    epochs = 1.0 if quick else preset("cpu-fast")["epochs"]
+    epochs = 3.0 if quick else preset("cpu-fast")["epochs"]
     rungs = [
         Rung("01-post", "the post: N(0, 1) initialisation, Adam 1e-3, batch 128, 500 steps", {"init": "seed"}),
         Rung("02-init", "PyTorch's initialisation (scaled to each layer's fan-in)", {"init": "default"}),
@@ -51,7 +51,7 @@ def ladder(quick: bool, include_best: bool) -> list[Rung]:
     if include_best:
         best = {k: v for k, v in preset("best").items() if k != "epochs"}
         rungs.append(Rung("09-wide-resnet", "a wide ResNet with random erasing (the best preset's recipe)",
-                          best | ({"epochs": 1.0} if quick else {"epochs": preset("best")["epochs"]})))
+                          best | {"epochs": epochs if quick else preset("best")["epochs"]}))
     return rungs
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from fmnist import FmnistError
 from fmnist.augment import random_erase, random_flip, random_translate
@@ -157,6 +157,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def ema_update(decay: float):
+    """The moving-average update for AveragedModel, with a warm-up: the decay after n updates
+    is min(decay, (1 + n) / (10 + n)), so the first steps' random weights fade out quickly
+    instead of weighing on a short run's average."""
+
+    @torch.no_grad()
+    def update(averages: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        # AveragedModel passes one list per device and dtype.
+        if not averages[0].is_floating_point():  # counters such as num_batches_tracked
+            torch._foreach_copy_(averages, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averages, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
 
 
 class Augment:
@@ -443,7 +460,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     # (batch-norm statistics included) when --ema is set, else the trained ones.
     ema = None
     if cfg.ema:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
     final = ema.module if ema is not None else model
     # Everything a checkpoint restores besides the RNG and the step.
     stateful = {"model": model, "optimizer": optimizer, "sampler": sampler, "augment": augment}
