@@ -39,7 +39,7 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a run folder of the seed model (default: random weights)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the test set")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ def uses_channels_last(model: nn.Module) -> bool:
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 1000, amp_dtype: torch.dtype | None = None,
+    model: nn.Module, images: torch.Tensor, batch_size: int = 256, amp_dtype: torch.dtype | None = None,
     tta: bool = False,
 ) -> torch.Tensor:
     """Logits (N, classes) of normalised images (N, 1, 28, 28), in eval mode, batch by batch,
