@@ -455,7 +455,8 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     model, model_args = build_network(cfg, device)
     optimizer = build_optimizer(model, cfg, device)
     sampler = BatchSampler(len(train_split), cfg.batch_size, cfg.seed, device)
-    augment = Augment(cfg, fill=-normalization(cfg)["mean"] / normalization(cfg)["std"], device=device)
+    norm = normalization(cfg)
+    augment = Augment(cfg, fill=-norm["mean"] / norm["std"], device=device)  # a black pixel, normalised
     # The weights evaluated and saved: an exponential moving average of the trained ones
     # (batch-norm statistics included) when --ema is set, else the trained ones.
     ema = None
@@ -592,7 +593,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                 "model": cfg.model,
                 "model_args": model_args,
                 "class_names": list(CLASS_NAMES),
-                "normalization": normalization(cfg),
+                "normalization": norm,
                 "tta": cfg.tta,
                 "input": {"height": 28, "width": 28, "channels": 1, "scale": "pixels / 255"},
                 "config": to_dict(cfg),
