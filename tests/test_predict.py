@@ -14,14 +14,8 @@ from PIL import Image
 
 from fmnist.cli import main
 from fmnist.data import CLASS_NAMES, load_split, save_idx
-from fmnist.predict import (
-    ImageError,
-    ImageTooLarge,
-    UnsupportedImage,
-    load_model,
-    open_image,
-    prepare_image,
-)
+from fmnist.images import ImageError, ImageTooLarge, UnsupportedImage, open_image, prepare_image
+from fmnist.predict import load_model
 
 
 def render_photo(image: np.ndarray, rng: np.random.Generator, quality: int = 80) -> bytes:

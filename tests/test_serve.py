@@ -24,7 +24,8 @@ pytest.importorskip("uvicorn")
 
 from fmnist.cli import build_parser  # noqa: E402
 from fmnist.data import CLASS_NAMES, load_split  # noqa: E402
-from fmnist.predict import load_model, open_image, prepare_image  # noqa: E402
+from fmnist.images import open_image, prepare_image  # noqa: E402
+from fmnist.predict import load_model  # noqa: E402
 
 UPLOAD_LIMIT = 2_000_000  # bytes, the test server's --max-upload-bytes
 BOUNDARY = "testboundary1234"

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
 from fmnist import FmnistError, __version__
 from fmnist.config import TrainConfig, resolve, resolve_train
@@ -104,8 +105,20 @@ def cmd_models(args) -> int:
     return 0
 
 
+def format_predictions(result: dict[str, Any]) -> str:
+    """A small table per image: rank, class, probability and a bar."""
+    lines = []
+    for entry in result["predictions"]:
+        lines.append(entry["file"] or "<image>")
+        width = max(len(t["label"]) for t in entry["top"])
+        for rank, t in enumerate(entry["top"], 1):
+            bar = "#" * round(20 * t["probability"])
+            lines.append(f"  {rank}. {t['label']:<{width}}  {t['probability']:6.1%}  {bar}")
+    return "\n".join(lines)
+
+
 def cmd_predict(args) -> int:
-    from fmnist.predict import format_predictions, latest_run, predict_files
+    from fmnist.predict import latest_run, predict_files
 
     run_dir = args.model or latest_run("runs")
     result = predict_files(run_dir, args.images, top_k=args.top_k, save_input=args.save_input)

@@ -27,16 +27,8 @@ from typing import Any
 import numpy as np
 
 from fmnist import FmnistError
-from fmnist.predict import (
-    MAX_PIXELS,
-    ImageError,
-    Predictor,
-    input_png,
-    load_model,
-    load_pixels,
-    open_image,
-    prepare_image,
-)
+from fmnist.images import MAX_PIXELS, ImageError, input_png, load_pixels, open_image, prepare_image
+from fmnist.predict import Predictor, load_model
 
 log = logging.getLogger("fmnist.serve")
 
