@@ -59,3 +59,31 @@ def random_erase(
         & (u[4] < p).view(b, 1, 1)
     )  # (B, H, W)
     return x.masked_fill(inside.unsqueeze(1), fill)
+
+
+class Augment:
+    """A run's augmentations of a training batch, drawn from their own generator so that a
+    resumed run draws the same ones; `fill` is the normalised value of the background."""
+
+    def __init__(self, translate: int, flip: bool, erase: float, fill: float, seed: int, device: torch.device):
+        self.translate, self.flip, self.erase, self.fill = translate, flip, erase, fill
+        self.generator = torch.Generator(device).manual_seed(seed + 7919)
+        self.enabled = bool(translate or flip or erase)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if self.translate:
+            x = random_translate(x, self.generator, self.translate, self.fill)
+        if self.flip:
+            x = random_flip(x, self.generator)
+        if self.erase:
+            x = random_erase(x, self.generator, self.erase, fill=self.fill)
+        return x.contiguous(memory_format=memory_format)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,16 +1,14 @@
-"""Saving and loading trained models: weights as safetensors plus a JSON of metadata, each
-written atomically (a temporary file in the same folder, fsync, rename); and the training state
-that `fmnist train --resume` continues from (last.pt, best.pt), read with weights_only=True so a
-crafted file cannot run code."""
+"""Saving and loading trained models: weights as safetensors plus model.json, each written
+atomically (a temporary file in the same folder, fsync, rename); and the training state that
+`fmnist train --resume` continues from (last.pt, best.pt), read with weights_only=True so a
+crafted file cannot run code. `CheckpointSaver` owns when a run writes which of them."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,60 +19,12 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from fmnist import FmnistError, __version__
+from fmnist.distributed import Dist
+from fmnist.io import atomic_open
+from fmnist.metrics import Metrics
+from fmnist.run import ModelMeta, RunDir
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-LAST_STATE = "last.pt"  # training state of the latest checkpoint
-BEST_STATE = "best.pt"  # training state at the best validation accuracy
 STATE_FORMAT = "fmnist-train-state/1"
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file next to `path`; on success it is fsynced and renamed over `path`,
-    on failure removed, so `path` is either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FmnistError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FmnistError(f"{path}: not readable JSON ({e})") from None
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,45 +34,31 @@ def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_model(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write model.safetensors and model.json (model name and arguments, class names,
-    normalisation, metrics...) into run_dir."""
-    run_dir = Path(run_dir)
-    meta = {"format": "fmnist-model/1", "version": __version__, **meta}
-    with atomic_open(run_dir / WEIGHTS_FILE) as f:
-        f.write(safetensors_save(cpu_state_dict(model), metadata={"model": str(meta["model"])}))
-    write_json(run_dir / META_FILE, meta)
+def save_model(run: RunDir, model: nn.Module, meta: ModelMeta) -> None:
+    """Write model.safetensors, then model.json, into the run folder."""
+    with atomic_open(run.weights_path) as f:
+        f.write(safetensors_save(cpu_state_dict(model), metadata={"model": meta.model}))
+    run.write_meta(meta)
 
 
-def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FmnistError(f"{run_dir}: no such run folder")
-    meta = read_json(run_dir / META_FILE)
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise FmnistError(f"{run_dir / META_FILE}: not an fmnist model description")
-    return meta
-
-
-def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The trained model of a run folder, in eval mode, and its metadata."""
-    from fmnist.models import build_model
-
-    run_dir = Path(run_dir)
-    meta = read_meta(run_dir)
-    path = run_dir / WEIGHTS_FILE
+def load_network(run_dir: str | os.PathLike | RunDir, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """The trained network of a run folder, in eval mode, and its description. For inference
+    use `fmnist.predict.load_model`, which wraps both."""
+    run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
+    meta = run.read_meta()
+    path = run.weights_path
     try:
         state = safetensors_load(path.read_bytes())
     except FileNotFoundError:
         raise FmnistError(f"{path}: not found") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise FmnistError(f"{path}: not a valid safetensors file ({e})") from None
-    model = build_model(meta["model"], num_classes=len(meta["class_names"]), **meta.get("model_args", {}))
+    model = meta.build()
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise FmnistError(f"{path}: weights do not fit model {meta['model']!r} ({first})") from None
+        raise FmnistError(f"{path}: weights do not fit model {meta.model!r} ({first})") from None
     return model.to(device).eval(), meta
 
 
@@ -203,3 +139,122 @@ class CheckpointWriter:
             self._thread = None
         ok, self._failed = not self._failed, False
         return ok
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global generators this process draws from (dropout): the CPU's, and the GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:  # absent when the run began on the CPU
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class Resumed:
+    """Where a restored run stands."""
+
+    step: int = 0
+    best_val_accuracy: float | None = None
+    train_seconds: float = 0.0
+
+
+class CheckpointSaver:
+    """When a run writes which training state: last.pt every `every` steps, when stopped and at
+    the end; best.pt whenever validation accuracy improves during training (and at the end,
+    when it evaluates during training at all). A state holds each `stateful` component, the RNG
+    state of every process and the step. Saving is collective (every process calls it at the
+    same step); rank 0 writes, on a background thread."""
+
+    def __init__(self, run: RunDir, stateful: dict, ctx: Dist, every: int, track_best: bool, log):
+        self.run, self.stateful, self.ctx = run, stateful, ctx
+        self.every, self.track_best = every, track_best
+        self.metrics = Metrics()  # made durable before each state that follows them
+        self.best_val: float | None = None
+        self.writer = CheckpointWriter(log)
+
+    def due(self, done: int) -> bool:
+        return bool(self.every) and done % self.every == 0
+
+    def restore(self, steps: int) -> Resumed:
+        """Load last.pt into the components and this process's RNG."""
+        path = self.run.last_state
+        if not path.exists() and not self.run.meta_path.exists():
+            return Resumed()  # stopped before its first checkpoint: start it over
+        state = load_state(path)
+        written_by = state.get("world_size")
+        if written_by != self.ctx.world_size:
+            raise FmnistError(f"{path}: written by {written_by} processes, this run has {self.ctx.world_size}; "
+                              f"resume with {written_by} in all (--nproc {written_by}, or torchrun)")
+        done = state.get("step")
+        if not isinstance(done, int) or done < 0:
+            raise FmnistError(f"{path}: no valid step in it ({done!r})")
+        if done >= steps:
+            raise FmnistError(f"{self.run}: already trained its {done} steps; give more --steps (or --epochs) to train on")
+        for name, component in self.stateful.items():
+            if name not in state:
+                raise FmnistError(f"{path}: holds no {name} state")
+            try:
+                component.load_state_dict(state[name])
+            except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise FmnistError(f"{path}: its {name} state does not fit this run ({first})") from None
+        try:
+            set_rng_state({k: v[self.ctx.rank] for k, v in state["rng"].items()}, self.ctx.device)
+        except (KeyError, IndexError, TypeError, RuntimeError) as e:
+            raise FmnistError(f"{path}: no usable RNG state ({type(e).__name__}: {e})") from None
+        self.writer.saved_step[path] = done
+        if self.ctx.is_main:
+            for stale in self.run.path.glob(".*.pt.*.tmp"):  # a write cut short by a kill
+                stale.unlink(missing_ok=True)
+        self.best_val = state.get("best_val_accuracy")
+        return Resumed(done, self.best_val, state.get("train_seconds", 0.0))
+
+    def after_step(self, done: int, last: bool, val_accuracy: float | None, train_seconds: float) -> None:
+        """During training: last.pt when `last`, best.pt when `val_accuracy` is a new best."""
+        names = [self.run.last_state] * last + [self.run.best_state] * self._improved(val_accuracy)
+        if names:
+            self._save(done, names, train_seconds)
+
+    def finish(self, steps: int, val_accuracy: float | None, train_seconds: float) -> None:
+        """At the end, after model.json: last.pt always; best.pt when the final validation
+        improved on the best seen during training (without evaluations during training there
+        is no choice of best: last.pt is it)."""
+        improved = self._improved(val_accuracy) and self.track_best
+        self._save(steps, [self.run.last_state] + [self.run.best_state] * improved, train_seconds)
+
+    def _improved(self, val_accuracy: float | None) -> bool:
+        if val_accuracy is None or (self.best_val is not None and val_accuracy <= self.best_val):
+            return False
+        self.best_val = val_accuracy
+        return True
+
+    def _save(self, step: int, paths: list[Path], train_seconds: float) -> None:
+        model = self.stateful["model"]
+        if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+            raise FmnistError(f"weights stopped being finite by step {step}; lower --lr{self.last_good()}")
+        rng = {k: self.ctx.gather_same_size(v) for k, v in rng_state(self.ctx.device).items()}
+        if not self.ctx.is_main:
+            return
+        state = {"step": step, "world_size": self.ctx.world_size, "rng": rng,
+                 "best_val_accuracy": self.best_val, "train_seconds": train_seconds,
+                 **{n: cpu_copy(c.state_dict()) for n, c in self.stateful.items()}}
+        self.metrics.flush()
+        self.writer.submit(paths, state, before=self.metrics.sync)
+
+    def last_good(self) -> str:
+        """"; RUN/last.pt holds step N" for messages, once the write in flight is done."""
+        self.writer.wait()
+        held = self.writer.saved_step.get(self.run.last_state)
+        return f"; {self.run.last_state} holds step {held}" if held is not None else ""
+
+    def wait(self) -> bool:
+        return self.writer.wait()

@@ -14,31 +14,28 @@ import sys
 from typing import Any
 
 from fmnist import FmnistError, __version__
-from fmnist.config import TrainConfig, resolve, resolve_train
-
-
-def _flag_type(annotation: str):
-    base = annotation.split("|")[0].strip()
-    return {"int": int, "float": float, "str": str}[base]
+from fmnist.config import ServeConfig, TrainConfig, choices, field_type, resolve, resolve_train
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field (`batch_size` -> `--batch-size`), its help from the field.
-    Every default is None, so only the flags a user gives override the config file."""
+    """One flag per config field (`batch_size` -> `--batch-size`), its help, type and choices
+    from the field. Every default is None, so only the flags a user gives override the config
+    file (or the saved config of a resumed run)."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        annotation = str(f.type)
-        if annotation == "bool":
+        kind, _ = field_type(cls, f.name)
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=_flag_type(annotation), default=None, help=help_text,
-                                metavar=f.name.upper())
+            allowed = choices(cls, f.name)
+            parser.add_argument(flag, type=kind, default=None, help=help_text, choices=allowed,
+                                metavar=None if allowed else f.name.upper())
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    return resolve(cls, args.config, **overrides)
+def config_from_args(cls, args: argparse.Namespace, file=None):
+    """The config of `cls` from its defaults, a config file and the flags given."""
+    return resolve(cls, file, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 # ----------------------------------------------------------------------------- commands
@@ -63,8 +60,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def format_evaluation(result) -> str:
+    """The evaluation as a table: accuracy, per-class accuracy, confusion matrix."""
+    names = list(result.per_class)
+    width = max(len(n) for n in names)
+    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}", ""]
+    lines.append(f"{'class':<{width}}  accuracy")
+    for name, acc in result.per_class.items():
+        lines.append(f"{name:<{width}}  {acc:8.4f}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    header = " " * (width + 1) + " ".join(f"{i:>5}" for i in range(len(names)))
+    lines.append(header)
+    for i, (name, row) in enumerate(zip(names, result.confusion_matrix, strict=True)):
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>5}" for c in row) + f"   ({i})")
+    return "\n".join(lines)
+
+
 def cmd_evaluate(args) -> int:
-    from fmnist.evaluate import evaluate_run, format_evaluation
+    from fmnist.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, args.data_dir, args.device, args.precision)
     if args.json:
@@ -118,9 +131,10 @@ def format_predictions(result: dict[str, Any]) -> str:
 
 
 def cmd_predict(args) -> int:
-    from fmnist.predict import latest_run, predict_files
+    from fmnist.predict import predict_files
+    from fmnist.run import RunDir
 
-    run_dir = args.model or latest_run("runs")
+    run_dir = args.model or RunDir.latest("runs").path
     result = predict_files(run_dir, args.images, top_k=args.top_k, save_input=args.save_input)
     if args.json:
         print(json.dumps(result))
@@ -139,13 +153,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fmnist.predict import latest_run
-    from fmnist.serve import ServeConfig, serve
+    from fmnist.run import RunDir
+    from fmnist.serve import serve
 
-    run_dir = args.model or latest_run("runs")
-    serve(run_dir, ServeConfig(host=args.host, port=args.port, max_upload_bytes=args.max_upload_bytes,
-                               max_batch=args.max_batch, threads=args.threads,
-                               access_log=args.access_log))
+    run_dir = args.model or RunDir.latest("runs").path
+    serve(run_dir, config_from_args(ServeConfig, args))
     return 0
 
 
@@ -250,16 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "'file'), GET /v1/classes, GET /healthz, the OpenAPI page at /docs and a "
                        "web page at /. Needs the serve extra.")
     p.add_argument("--model", metavar="RUN_DIR", help="run folder of the model (default: the most recent under ./runs)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--max-upload-bytes", type=int, default=10 * 1024 * 1024,
-                   help="largest request body accepted, in bytes (default: 10 MiB)")
-    p.add_argument("--max-batch", type=int, default=64,
-                   help="most concurrent requests run through the model as one batch (default: 64)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="PyTorch intra-op threads of the model (default: 1; the event loop needs a core)")
-    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                   help="log one line per request (default: on)")
+    add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -9,32 +9,59 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_type_hints
 
 from fmnist import FmnistError
+from fmnist.presets import preset
+
+# Allowed values, declared once: the CLI's choices and the checks below come from these.
+Optimizer = Literal["adam", "adamw", "sgd"]
+Schedule = Literal["constant", "cosine", "onecycle"]
+Precision = Literal["auto", "fp32", "bf16"]
+Init = Literal["default", "normal"]
+
+# Names earlier versions wrote into run folders, read as today's.
+LEGACY_NAMES = {"model": {"seed": "post", "seed-bn": "post-bn"}, "init": {"seed": "normal"},
+                "preset": {"seed": "post"}}
 
 
-def opt(default: Any, help: str):
+def opt(default: Any, help: str, **metadata):
     """A config field whose help text serves the docs and the command-line flag alike."""
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def choices(cls, name: str) -> tuple[str, ...] | None:
+    """The values a Literal-typed field of `cls` allows; None for other fields."""
+    args = get_args(get_type_hints(cls)[name])
+    literal = [a for a in args if isinstance(a, str)]
+    return tuple(literal) or None
+
+
+def check_choices(config) -> None:
+    """Refuse a Literal-typed field holding a value outside its choices."""
+    for f in fields(config):
+        allowed = choices(type(config), f.name)
+        value = getattr(config, f.name)
+        if allowed and value is not None and value not in allowed:
+            raise FmnistError(f"unknown {f.name.replace('_', ' ')} {value!r}; choose from: {', '.join(allowed)}")
 
 
 @dataclass
 class TrainConfig:
     """What `fmnist train` does. The defaults are the post's recipe."""
 
-    preset: str | None = opt(None, "named recipe: seed (the post), cpu-fast, gpu-fast, best (see fmnist.presets); --config and flags override its fields")
-    model: str = opt("seed", "network, a name from `fmnist models`")
-    init: str = opt("default", "initialisation: 'default' (PyTorch's) or 'seed' (every weight and bias ~ N(0, 1), as the post)")
-    keep_prob: float = opt(0.75, "dropout keep probability of the seed networks (the post's `dropout`)")
+    preset: str | None = opt(None, "named recipe: post (the defaults), cpu-fast, gpu-fast, best; --config and flags override its fields")
+    model: str = opt("post", "network, a name from `fmnist models`")
+    init: Init = opt("default", "initialisation: 'default' (PyTorch's) or 'normal' (every weight and bias ~ N(0, 1), the post's tf.random_normal)")
+    keep_prob: float = opt(0.75, "dropout keep probability of the post's networks (the post's `dropout`)")
     steps: int = opt(500, "optimiser steps (the post's num_steps)")
     epochs: float | None = opt(None, "passes over the training split; overrides --steps when set")
     batch_size: int = opt(128, "images per optimiser step")
     lr: float = opt(0.001, "learning rate (the peak, with a schedule)")
-    optimizer: str = opt("adam", "'adam' (the post), 'adamw' or 'sgd' (with Nesterov momentum)")
+    optimizer: Optimizer = opt("adam", "'adam' (the post), 'adamw' or 'sgd' (with Nesterov momentum)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(0.0, "weight decay (decoupled from the gradient for adamw)")
-    schedule: str = opt("constant", "learning rate over the run: 'constant' (the post), 'cosine' (to 0), 'onecycle' (linear up to --lr, then linearly down to 0)")
+    schedule: Schedule = opt("constant", "learning rate over the run: 'constant' (the post), 'cosine' (to 0), 'onecycle' (linear up to --lr, then linearly down to 0)")
     warmup: float = opt(0.0, "fraction of the steps the learning rate rises from 0 (the peak of onecycle)")
     label_smoothing: float = opt(0.0, "weight of the uniform distribution mixed into the targets")
     grad_clip: float = opt(0.0, "clip the gradients' total norm to this (0: no clipping)")
@@ -51,12 +78,13 @@ class TrainConfig:
     eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)")
     eval_test: bool = opt(False, "also evaluate the test set at each --eval-every, for time-to-accuracy benchmarks (choose settings on validation)")
     device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    precision: str = opt("auto", "'fp32', 'bf16' (autocast, weights stay fp32) or 'auto': bf16 where the device computes it natively (recent GPUs, CPUs with AVX-512 BF16 or AMX)")
+    precision: Precision = opt("auto", "'fp32', 'bf16' (autocast, weights stay fp32) or 'auto': bf16 where the device computes it natively (recent GPUs, CPUs with AVX-512 BF16 or AMX)")
     threads: int = opt(0, "intra-op CPU threads (0: PyTorch's default, one per core)")
     channels_last: bool = opt(True, "NHWC memory layout, faster convolutions on CPU and GPU")
     data_dir: str | None = opt(None, "folder with the four IDX files (default: searched, see `fmnist download --help`)")
     out: str | None = opt(None, "run folder to create (default: runs/<time>-<model>)")
     plots: bool = opt(True, "write the PNG plots at the end")
+    tensorboard: bool = opt(False, "also write TensorBoard event files into the run folder (needs the tensorboard extra)")
     # 200 writes 2 checkpoints in the post's 500 steps, plus the final one; each costs a copy of
     # the weights and optimiser state, the file itself is written on a background thread.
     checkpoint_every: int = opt(200, "steps between checkpoints of the training state (last.pt) for --resume; 0: only at the end and when stopped")
@@ -64,20 +92,54 @@ class TrainConfig:
     nproc: int = opt(1, "processes to train on with DistributedDataParallel on this machine (one per GPU, or CPU processes), launched through torchrun; ignored under torchrun")
 
 
-def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
+    def validate(self) -> None:
+        """Refuse settings that cannot work, before any data is read or process started."""
+        from fmnist.models import model_spec  # torch: not needed to parse flags
+
+        check_choices(self)
+        model_spec(self.model)
+        for name in ("warmup", "label_smoothing", "erase", "ema"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "erase"):
+                raise FmnistError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
+        if self.translate < 0 or self.grad_clip < 0:
+            raise FmnistError("--translate and --grad-clip must not be negative")
+        for name in ("batch_size", "nproc"):
+            if getattr(self, name) < 1:
+                raise FmnistError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.epochs is None and self.steps < 1:
+            raise FmnistError(f"--steps must be positive, got {self.steps}")
+        if self.checkpoint_every < 0:
+            raise FmnistError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")
+        if self.batch_size % self.nproc:
+            raise FmnistError(f"--batch-size {self.batch_size} does not split into {self.nproc} equal shares (--nproc)")
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The arguments the network is built with besides the number of classes."""
+        return {"keep_prob": self.keep_prob} if self.model.startswith("post") else {}
+
+
+def field_type(cls, name: str) -> tuple[type, bool]:
+    """The plain type of a field (int, float, bool or str; a Literal is str) and whether it may
+    be None."""
+    hint = get_type_hints(cls)[name]
+    args = get_args(hint)
+    optional = type(None) in args
+    if args and all(isinstance(a, str) for a in args):  # Literal["a", "b"]
+        return str, optional
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    return base, optional
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
     """Check a value from a config file against the field's type."""
-    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
-    base = annotation.split("|")[0].strip()
-    if value is None and "None" in annotation:
+    base, optional = field_type(cls, name)
+    if value is None and optional:
         return None
-    expected = kinds.get(base)
-    if expected is None:
-        return value
-    if isinstance(value, bool) and base != "bool":
-        raise FmnistError(f"config field {name!r}: expected {base}, got {value!r}")
-    if not isinstance(value, expected):
-        raise FmnistError(f"config field {name!r}: expected {base}, got {value!r}")
-    return float(value) if base == "float" else value
+    expected = (int, float) if base is float else base
+    if (isinstance(value, bool) and base is not bool) or not isinstance(value, expected):
+        raise FmnistError(f"config field {name!r}: expected {base.__name__}, got {value!r}")
+    return float(value) if base is float else value
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -117,7 +179,7 @@ def _explicit_values(cls, file: str | os.PathLike | None, overrides: dict[str, A
             key = key.replace("-", "_")
             if key not in known:
                 raise FmnistError(f"{file}: unknown config field {key!r}")
-            values[key] = _coerce(key, value, known[key].default, str(known[key].type))
+            values[key] = _coerce(cls, key, value)
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(values) - set(known)
     if unknown:
@@ -133,7 +195,7 @@ def resolve(cls, file: str | os.PathLike | None = None, **overrides):
 # What a resumed run may change: how long it trains, how it reports, where it runs. Everything
 # else would make it a different run than the one its checkpoint belongs to.
 RESUME_MAY_CHANGE = ("steps", "epochs", "log_every", "eval_every", "eval_test", "checkpoint_every", "plots",
-                     "device", "threads", "data_dir", "nproc")
+                     "tensorboard", "device", "threads", "data_dir", "nproc")
 
 
 def check_resumable(saved: dict[str, Any], values: dict[str, Any]) -> None:
@@ -165,7 +227,13 @@ def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(saved, dict):
         raise FmnistError(f"{path}: not an fmnist run config")
     known = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in known}
+    return upgrade_names({k: v for k, v in saved.items() if k in known})
+
+
+def upgrade_names(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the names earlier versions used (model "seed", init "seed") renamed."""
+    return values | {k: LEGACY_NAMES[k].get(v, v) for k, v in values.items()
+                     if k in LEGACY_NAMES and isinstance(v, str)}
 
 
 def resolve_train(file: str | os.PathLike | None = None, **overrides) -> TrainConfig:
@@ -174,8 +242,6 @@ def resolve_train(file: str | os.PathLike | None = None, **overrides) -> TrainCo
     values = _explicit_values(TrainConfig, file, overrides)
     run_dir = values.get("resume")
     if run_dir is None:
-        from fmnist.presets import preset
-
         base = preset(values["preset"]) if values.get("preset") else {}
         return TrainConfig(**(base | values))
     if values.get("out") is not None and Path(values["out"]).resolve() != Path(run_dir).resolve():
@@ -188,6 +254,28 @@ def resolve_train(file: str | os.PathLike | None = None, **overrides) -> TrainCo
         raise FmnistError(f"{Path(run_dir) / 'config.json'}: not an fmnist run config ({e})") from None
 
 
-
 def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@dataclass
+class ServeConfig:
+    """What `fmnist serve` does, besides which model it serves."""
+
+    host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only; the service has no authentication)")
+    port: int = opt(8000, "TCP port")
+    max_upload_bytes: int = opt(10 * 1024 * 1024, "largest request body accepted, in bytes")
+    max_pixels: int = opt(25_000_000, "largest decoded image, in pixels, checked from its header before decoding")
+    max_batch: int = opt(64, "most concurrent requests run through the model as one batch")
+    threads: int = opt(1, "PyTorch intra-op threads of the model (the event loop needs a core)")
+    decode_workers: int = opt(2, "threads decoding large images (bounds their memory)")
+    max_connections: int = opt(512, "concurrent connections; more get 503 (bounds buffered bodies)")
+    access_log: bool = opt(True, "log one line per request")
+    log_level: str = opt("info", "uvicorn's log level: critical, error, warning, info, debug")
+
+    def validate(self) -> None:
+        for name in ("max_upload_bytes", "max_pixels", "max_batch", "decode_workers", "max_connections"):
+            if getattr(self, name) < 1:
+                raise FmnistError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise FmnistError(f"--port must lie in 0..65535, got {self.port}")

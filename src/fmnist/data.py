@@ -1,5 +1,6 @@
 """Fashion-MNIST on disk and in memory: IDX parsing with validation, locating and downloading
-the four files, and the in-memory tensors that training slices batches from.
+the four files, and the in-memory tensors (train, validation and test splits) that training
+slices its batches from.
 
     fmnist download [--data-dir DIR]
 """
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from fmnist import FmnistError
+from fmnist.io import atomic_open
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -158,8 +160,6 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
 
 def save_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write an array as an IDX file (gzipped when the name ends in .gz), atomically."""
-    from fmnist.checkpoint import atomic_open
-
     array = np.asarray(array)
     codes = {dtype.newbyteorder("="): code for code, dtype in _IDX_DTYPES.items()}
     code = codes.get(array.dtype.newbyteorder("="))
@@ -354,3 +354,87 @@ def to_tensor(images, mean: float = 0.0, std: float = 1.0, device=None) -> torch
     if mean != 0.0 or std != 1.0:
         x.sub_(mean).div_(std)
     return x
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """What a model's inputs are: (pixels / 255 - mean) / std."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def of_training_set(cls, standardize: bool) -> Normalization:
+        """The training images' statistics when standardising (--normalize), else pixels / 255
+        (the post)."""
+        return cls(FMNIST_MEAN, FMNIST_STD) if standardize else cls()
+
+    @property
+    def black(self) -> float:
+        """The normalised value of a black pixel, the dataset's background."""
+        return -self.mean / self.std
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 1, 28, 28) float32, normalised, on the device
+    labels: torch.Tensor  # (N,) int64, on the device
+    raw: torch.Tensor  # (N, 28, 28) uint8 on the CPU, for plots
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_splits(val_size: int, norm: Normalization, data_dir=None, device=None) -> dict[str, Split]:
+    """The "train", "val" (the first `val_size` training images, as the post's TF loader held
+    them out) and "test" splits, normalised, on the device."""
+    train_raw, train_labels = load_split("train", data_dir)
+    test_raw, test_labels = load_split("test", data_dir)
+    if not 0 <= val_size < len(train_raw):
+        raise FmnistError(f"--val-size must be in 0..{len(train_raw) - 1}, got {val_size}")
+
+    def split(raw, labels) -> Split:
+        return Split(to_tensor(raw, norm.mean, norm.std, device), torch.as_tensor(labels, device=device),
+                     torch.as_tensor(raw))
+
+    v = val_size
+    return {"train": split(train_raw[v:], train_labels[v:]), "val": split(train_raw[:v], train_labels[:v]),
+            "test": split(test_raw, test_labels)}
+
+
+class BatchSampler:
+    """Index batches over a reshuffled permutation each epoch. A batch that crosses an epoch's
+    end takes the rest of that epoch and the start of the next, like the post's next_batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.pos = 0
+        self.perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.generator).to(self.device)
+
+    def next(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos : self.pos + take])
+            self.pos += take
+            need -= take
+            if self.pos == self.n:
+                self.epoch += 1
+                self.pos = 0
+                self.perm = self._permutation()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "pos": self.pos, "perm": self.perm}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["perm"]) != self.n:
+            raise ValueError(f"a permutation of {len(state['perm'])} images, this run has {self.n}")
+        self.generator.set_state(state["generator"])
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.perm = state["perm"].to(self.device)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
 from fmnist import FmnistError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from fmnist.config import Precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,8 +27,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a precision setting on a device; None means plain fp32.
     "auto" is bf16 where the hardware computes it natively: CUDA devices with bf16 support,
     CPUs with AVX-512 BF16 or AMX (oneDNN's bf16 kernels)."""
-    if precision not in PRECISIONS:
-        raise FmnistError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if precision not in get_args(Precision):
+        raise FmnistError(f"unknown precision {precision!r}; choose from: {', '.join(get_args(Precision))}")
     if precision == "fp32":
         return None
     if precision == "bf16":

@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 from fmnist import FmnistError
+from fmnist.config import TrainConfig, to_dict
+from fmnist.device import resolve_device
+from fmnist.io import write_json
 
 
 def launched_by_torchrun() -> bool:
@@ -173,15 +176,10 @@ class GracefulStop:
         return agreed
 
 
-def launch(cfg, quiet: bool = False) -> int:
+def launch(cfg: TrainConfig, quiet: bool = False) -> int:
     """Run `fmnist train` with this config in cfg.nproc processes on this machine, through
     torchrun with a c10d rendezvous on the loopback address; returns torchrun's exit status."""
-    from fmnist.checkpoint import write_json
-    from fmnist.config import to_dict
-    from fmnist.device import resolve_device
-    from fmnist.train import check_config
-
-    check_config(cfg)  # a bad flag ends here in one line, not in one traceback per process
+    cfg.validate()  # a bad flag ends here in one line, not in one traceback per process
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
         raise FmnistError(f"--nproc {cfg.nproc} needs as many GPUs, this machine has {torch.cuda.device_count()}")

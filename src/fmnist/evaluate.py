@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist.data import CLASS_NAMES, load_split, to_tensor
+from fmnist.checkpoint import load_network
+from fmnist.data import CLASS_NAMES, NUM_CLASSES, Split, load_split, to_tensor
+from fmnist.device import autocast_dtype, resolve_device
+from fmnist.distributed import Dist
+from fmnist.run import ModelMeta
 
 
 def uses_channels_last(model: nn.Module) -> bool:
@@ -90,38 +94,32 @@ def evaluate(
     return score(predict_logits(model, images, amp_dtype=amp_dtype, tta=tta), labels, class_names)
 
 
-def load_test_tensors(meta: dict, data_dir=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def evaluate_split(model: nn.Module, split: Split, ctx: Dist, tta: bool = False) -> Evaluation:
+    """The evaluation of a whole split; under torchrun each process scores its share and the
+    logits are gathered, so every process holds the same result."""
+    if not ctx.enabled:
+        return evaluate(model, split.images, split.labels, tta=tta)
+    part = ctx.shard(len(split))
+    if part.start < part.stop:
+        logits = predict_logits(model, split.images[part], tta=tta)
+    else:
+        logits = split.images.new_zeros((0, NUM_CLASSES))
+    return score(ctx.gather_rows(logits), split.labels)
+
+
+def load_test_tensors(meta: ModelMeta, data_dir=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Test images normalised as the run's model expects, labels, and the raw uint8 images."""
     raw, labels = load_split("test", data_dir)
-    norm = meta["normalization"]
-    images = to_tensor(raw, norm["mean"], norm["std"], device=device)
+    images = to_tensor(raw, meta.normalization.mean, meta.normalization.std, device=device)
     return images, torch.as_tensor(labels, device=device), torch.as_tensor(raw)
 
 
 def evaluate_run(run_dir, data_dir=None, device="cpu", precision: str = "fp32") -> Evaluation:
     """The test-set evaluation of a run folder's model. fp32 by default, so the figures are
     exact; "bf16" or "auto" trade a few disagreeing predictions in 10,000 for speed."""
-    from fmnist.checkpoint import load_model
-    from fmnist.device import autocast_dtype, resolve_device
-
     device = resolve_device(device)
     amp_dtype = autocast_dtype(precision, device)
-    model, meta = load_model(run_dir, device)
+    model, meta = load_network(run_dir, device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     images, labels, _ = load_test_tensors(meta, data_dir, device)
-    return evaluate(model, images, labels, meta["class_names"], amp_dtype, tta=meta.get("tta", False))
-
-
-def format_evaluation(result: Evaluation) -> str:
-    names = list(result.per_class)
-    width = max(len(n) for n in names)
-    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}", ""]
-    lines.append(f"{'class':<{width}}  accuracy")
-    for name, acc in result.per_class.items():
-        lines.append(f"{name:<{width}}  {acc:8.4f}")
-    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-    header = " " * (width + 1) + " ".join(f"{i:>5}" for i in range(len(names)))
-    lines.append(header)
-    for i, (name, row) in enumerate(zip(names, result.confusion_matrix, strict=True)):
-        lines.append(f"{name:<{width}} " + " ".join(f"{c:>5}" for c in row) + f"   ({i})")
-    return "\n".join(lines)
+    return evaluate(model, images, labels, meta.class_names, amp_dtype, tta=meta.tta)

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from fmnist import FmnistError, __version__
-from fmnist.data import IMAGE_SIZE
+from fmnist.checkpoint import load_network
+from fmnist.data import IMAGE_SIZE, load_split
+from fmnist.io import atomic_open
 
 FORMATS = ("onnx",)
 INPUT_NAME = "pixels"
@@ -72,17 +74,15 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
     With quantize="int8" the file holds the int8 model instead (see `quantize_int8`)."""
     if quantize not in (None, "int8"):
         raise FmnistError(f"unknown quantization {quantize!r}; choose int8")
-    from fmnist.checkpoint import atomic_open, load_model
-
     onnx, _ = _require_onnx()
     out = Path(out)
     if out.is_dir():
         raise FmnistError(f"{out}: is a directory; give a file name such as model.onnx")
     if not out.parent.is_dir():
         raise FmnistError(f"{out.parent}: no such folder")
-    model, meta = load_model(run_dir, "cpu")
-    norm = meta["normalization"]
-    wrapped = RawPixelModel(model, float(norm["mean"]), float(norm["std"])).eval()
+    model, meta = load_network(run_dir, "cpu")
+    norm = meta.normalization
+    wrapped = RawPixelModel(model, norm.mean, norm.std).eval()
     example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     batch = torch.export.Dim("batch")
     onnx_log = logging.getLogger("torch.onnx")
@@ -101,10 +101,10 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
     proto = program.model_proto
     proto.doc_string = "fmnist classifier: float32 pixels 0..255 (N, 1, 28, 28) -> logits, probabilities"
     metadata = {
-        "class_names": json.dumps(meta["class_names"]),
-        "normalization": json.dumps(norm),
+        "class_names": json.dumps(meta.class_names),
+        "normalization": json.dumps({"mean": norm.mean, "std": norm.std}),
         "input": "float32 pixels 0..255, shape (N, 1, 28, 28), light object on black",
-        "model": str(meta["model"]),
+        "model": meta.model,
         "fmnist_version": __version__,
         "source_run": str(Path(run_dir).resolve()),
     }
@@ -140,8 +140,6 @@ def quantize_int8(model: bytes, data_dir=None, calibration_images: int = CALIBRA
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from fmnist.data import load_split
 
     images, _ = load_split("train", data_dir)
     step = max(1, len(images) // calibration_images)

@@ -53,16 +53,13 @@ def build_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Modul
     return model_spec(name).builder(num_classes=num_classes, **kwargs)
 
 
-INIT_SCHEMES = ("default", "seed")
-
-
 def init_weights(model: nn.Module, scheme: str) -> None:
-    """"default" keeps PyTorch's initialisation; "seed" draws every weight and bias from N(0, 1),
-    as the post's `tf.random_normal` did."""
+    """"default" keeps PyTorch's initialisation; "normal" draws every weight and bias from
+    N(0, 1), as the post's `tf.random_normal` did. (The choices are `fmnist.config.Init`.)"""
     if scheme == "default":
         return
-    if scheme != "seed":
-        raise FmnistError(f"unknown init {scheme!r}; choose from: {', '.join(INIT_SCHEMES)}")
+    if scheme != "normal":
+        raise ValueError(f"unknown init {scheme!r}")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 1.0)
@@ -88,7 +85,7 @@ def flops_per_image(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- networks
 
 
-class SeedNet(nn.Module):
+class PostNet(nn.Module):
     """The post's ConvNet: two 5x5 SAME convolutions with 2x2 max-pooling, a 1024-unit dense
     layer with dropout, and a linear classifier."""
 
@@ -113,12 +110,12 @@ class SeedNet(nn.Module):
         return self.out(x)  # (B, classes)
 
 
-@register_model("seed", "the post's ConvNet: conv5x5-32, conv5x5-64, dense 1024, dropout")
-def seed(num_classes: int = NUM_CLASSES, keep_prob: float = 0.75) -> nn.Module:
-    return SeedNet(num_classes, keep_prob)
+@register_model("post", "the post's ConvNet: conv5x5-32, conv5x5-64, dense 1024, dropout")
+def post(num_classes: int = NUM_CLASSES, keep_prob: float = 0.75) -> nn.Module:
+    return PostNet(num_classes, keep_prob)
 
 
-class SeedBNNet(SeedNet):
+class PostBNNet(PostNet):
     """The post's network with batch normalisation after each convolution and the dense layer
     (their biases dropped: the normalisation's shift replaces them)."""
 
@@ -137,9 +134,9 @@ class SeedBNNet(SeedNet):
         return self.out(x)
 
 
-@register_model("seed-bn", "the post's ConvNet with batch normalisation")
-def seed_bn(num_classes: int = NUM_CLASSES, keep_prob: float = 0.75) -> nn.Module:
-    return SeedBNNet(num_classes, keep_prob)
+@register_model("post-bn", "the post's ConvNet with batch normalisation")
+def post_bn(num_classes: int = NUM_CLASSES, keep_prob: float = 0.75) -> nn.Module:
+    return PostBNNet(num_classes, keep_prob)
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:

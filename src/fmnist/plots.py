@@ -6,7 +6,6 @@ the confusion matrix, and misclassified test images.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -16,33 +15,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fmnist import FmnistError  # noqa: E402
-from fmnist.checkpoint import atomic_open  # noqa: E402
-
-PLOT_FILES = ("cost.png", "samples.png", "confusion_matrix.png", "misclassified.png")
+from fmnist.checkpoint import load_network  # noqa: E402
+from fmnist.data import load_split  # noqa: E402
+from fmnist.evaluate import evaluate, load_test_tensors  # noqa: E402
+from fmnist.io import atomic_open  # noqa: E402
+from fmnist.run import RunDir  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def read_losses(metrics_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and losses of the training records in metrics.jsonl."""
-    steps, losses = [], []
-    try:
-        lines = metrics_path.read_text().splitlines()
-    except OSError as e:
-        raise FmnistError(f"{metrics_path}: cannot read ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise FmnistError(f"{metrics_path}: line {n} is not JSON") from None
-        if "loss" in record and "split" not in record:
-            steps.append(record["step"])
-            losses.append(record["loss"])
-    return np.asarray(steps), np.asarray(losses, dtype=np.float64)
 
 
 def plot_cost(steps, losses, lr: float, path: Path) -> None:
@@ -107,14 +90,15 @@ def plot_misclassified(images, labels, predictions, class_names, path: Path, cou
     _save(fig, path)
 
 
-def write_plots(run_dir, train_images, train_labels, test_images, test_labels, evaluation, class_names=None) -> list[Path]:
+def write_plots(run: RunDir, train_images, train_labels, test_images, test_labels, evaluation,
+                class_names=None) -> list[Path]:
     """All four plots of a run; the cost curve comes from its metrics.jsonl and config.json."""
-    run_dir = Path(run_dir)
     class_names = list(class_names or evaluation.per_class)
-    config = json.loads((run_dir / "config.json").read_text())
-    steps, losses = read_losses(run_dir / "metrics.jsonl")
-    paths = [run_dir / name for name in PLOT_FILES]
-    plot_cost(steps, losses, config["lr"], paths[0])
+    records = run.losses()
+    steps = np.asarray([r.step for r in records])
+    losses = np.asarray([r.loss for r in records], dtype=np.float64)
+    paths = run.plot_paths()
+    plot_cost(steps, losses, run.read_config()["lr"], paths[0])
     plot_samples(np.asarray(train_images), np.asarray(train_labels), class_names, paths[1])
     plot_confusion(evaluation.confusion_matrix, class_names, paths[2])
     plot_misclassified(np.asarray(test_images), np.asarray(test_labels),
@@ -124,15 +108,11 @@ def write_plots(run_dir, train_images, train_labels, test_images, test_labels, e
 
 def plot_run(run_dir, data_dir=None) -> list[Path]:
     """Redraw a finished run's plots from its folder and the dataset."""
-    from fmnist.checkpoint import load_model
-    from fmnist.data import load_split
-    from fmnist.evaluate import evaluate, load_test_tensors
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "metrics.jsonl").is_file():
-        raise FmnistError(f"{run_dir}: not a run folder (config.json or metrics.jsonl missing)")
-    model, meta = load_model(run_dir)
+    run = RunDir(run_dir)
+    if not run.config_path.is_file() or not run.metrics_path.is_file():
+        raise FmnistError(f"{run}: not a run folder (config.json or metrics.jsonl missing)")
+    model, meta = load_network(run)
     images, labels, raw = load_test_tensors(meta, data_dir)
-    evaluation = evaluate(model, images, labels, meta["class_names"])
+    evaluation = evaluate(model, images, labels, meta.class_names, tta=meta.tta)
     train_raw, train_labels = load_split("train", data_dir)
-    return write_plots(run_dir, train_raw, train_labels, raw, labels, evaluation, meta["class_names"])
+    return write_plots(run, train_raw, train_labels, raw, labels, evaluation, meta.class_names)

@@ -24,8 +24,11 @@ import numpy as np
 import torch
 
 from fmnist import FmnistError
+from fmnist.checkpoint import load_network
 from fmnist.data import to_tensor
+from fmnist.evaluate import predict_logits
 from fmnist.images import prepare_batch, read_inputs, save_inputs
+from fmnist.run import ModelMeta, RunDir
 
 # ----------------------------------------------------------------------------- the model
 
@@ -33,20 +36,18 @@ from fmnist.images import prepare_batch, read_inputs, save_inputs
 class Predictor:
     """A trained model with its class names and normalisation, ready for uint8 images."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], run_dir: Path | None = None):
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, run_dir: Path | None = None):
         # Channels-last convolutions are about 1.5x faster on the CPU; predict_logits follows suit.
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.meta = meta
         self.run_dir = run_dir
-        self.class_names: list[str] = list(meta["class_names"])
-        self.mean = float(meta["normalization"]["mean"])
-        self.std = float(meta["normalization"]["std"])
+        self.class_names: list[str] = list(meta.class_names)
+        self.mean = meta.normalization.mean
+        self.std = meta.normalization.std
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) of prepared uint8 images (N, 28, 28)."""
-        from fmnist.evaluate import predict_logits
-
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         x = to_tensor(images, self.mean, self.std)
@@ -73,20 +74,10 @@ class Predictor:
 
 
 def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> Predictor:
-    """The predictor of a run folder written by `fmnist train`."""
-    from fmnist.checkpoint import load_model as load_checkpoint
-
-    model, meta = load_checkpoint(run_dir, device)
+    """The predictor of a run folder written by `fmnist train`: `.model` (the network in eval
+    mode), `.meta` (its model.json), `.predict(images)` and `.probabilities(images)`."""
+    model, meta = load_network(RunDir(run_dir), device)
     return Predictor(model, meta, Path(run_dir))
-
-
-def latest_run(root: str | os.PathLike = "runs") -> Path:
-    """The run folder under `root` whose model was written last."""
-    root = Path(root)
-    runs = [p.parent for p in root.glob("*/model.json") if (p.parent / "model.safetensors").is_file()]
-    if not runs:
-        raise FmnistError(f"no trained model under {root}/; pass --model RUN_DIR")
-    return max(runs, key=lambda run: (run / "model.json").stat().st_mtime)
 
 
 def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 3,

@@ -11,15 +11,16 @@ picks up where it stopped.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist import FmnistError
-from fmnist.checkpoint import atomic_open, read_json
 from fmnist.config import TrainConfig, to_dict
+from fmnist.io import atomic_open
 from fmnist.presets import preset
+from fmnist.run import RunDir
+from fmnist.train import train
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ def ladder(quick: bool, include_best: bool) -> list[Rung]:
     """The rungs in order; each inherits every change above it."""
     epochs = 3.0 if quick else preset("cpu-fast")["epochs"]
     rungs = [
-        Rung("01-post", "the post: N(0, 1) initialisation, Adam 1e-3, batch 128, 500 steps", {"init": "seed"}),
+        Rung("01-post", "the post: N(0, 1) initialisation, Adam 1e-3, batch 128, 500 steps", {"init": "normal"}),
         Rung("02-init", "PyTorch's initialisation (scaled to each layer's fan-in)", {"init": "default"}),
-        Rung("03-batchnorm", "batch normalisation and standardised inputs", {"model": "seed-bn", "normalize": True}),
+        Rung("03-batchnorm", "batch normalisation and standardised inputs", {"model": "post-bn", "normalize": True}),
         Rung("04-schedule", f"{epochs:g} epochs of SGD with Nesterov momentum, one-cycle schedule, "
              "weight decay, label smoothing",
              {"epochs": epochs, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4,
@@ -66,18 +67,18 @@ def rung_configs(rungs: list[Rung], out: Path, **common) -> list[TrainConfig]:
 
 def _finished(cfg: TrainConfig) -> bool:
     """Whether the rung's run folder holds a finished run of exactly this config."""
-    run = Path(cfg.out)
-    if not (run / "model.json").is_file():
+    run = RunDir(cfg.out)
+    if not run.meta_path.is_file():
         return False
-    saved = read_json(run / "model.json").get("config", {})
-    return saved == to_dict(cfg)
+    try:
+        return run.read_meta().config == to_dict(cfg)
+    except FmnistError:  # an unreadable or outdated model.json: train the rung again
+        return False
 
 
 def run_ladder(out, quick: bool = False, include_best: bool = False, data_dir=None, device: str = "auto",
                progress: bool = True, log=print) -> Path:
     """Train (or reuse) every rung, then write report.md with its plots into `out`."""
-    from fmnist.train import train
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FmnistError(f"{out}: exists and is not a folder")
@@ -95,16 +96,11 @@ def run_ladder(out, quick: bool = False, include_best: bool = False, data_dir=No
     return write_report(out, rungs, configs, quick)
 
 
-def _run_summary(run: Path) -> dict:
-    meta = read_json(run / "model.json")
-    losses = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record and "split" not in record:
-            losses.append((record["step"], record["loss"]))
-    return {"accuracy": meta["metrics"]["test_accuracy"], "val": meta["metrics"].get("val_accuracy"),
-            "seconds": meta["train_seconds"], "steps": meta["steps"], "losses": losses,
-            "batch": meta["config"]["batch_size"]}
+def _run_summary(run: RunDir) -> dict:
+    meta = run.read_meta()
+    return {"accuracy": meta.test_accuracy, "val": meta.metrics.get("val_accuracy"),
+            "seconds": meta.train_seconds, "steps": meta.steps,
+            "losses": [(r.step, r.loss) for r in run.losses()], "batch": meta.config["batch_size"]}
 
 
 def write_report(out: Path, rungs: list[Rung], configs: list[TrainConfig], quick: bool) -> Path:
@@ -114,7 +110,7 @@ def write_report(out: Path, rungs: list[Rung], configs: list[TrainConfig], quick
     import matplotlib.pyplot as plt
     import numpy as np
 
-    summaries = [_run_summary(Path(cfg.out)) for cfg in configs]
+    summaries = [_run_summary(RunDir(cfg.out)) for cfg in configs]
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for rung, s in zip(rungs, summaries, strict=True):

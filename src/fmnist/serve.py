@@ -20,34 +20,19 @@ import base64
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import numpy as np
 
 from fmnist import FmnistError
-from fmnist.images import MAX_PIXELS, ImageError, input_png, load_pixels, open_image, prepare_image
+from fmnist.config import ServeConfig
+from fmnist.images import ImageError, input_png, load_pixels, open_image, prepare_image
 from fmnist.predict import Predictor, load_model
 
 log = logging.getLogger("fmnist.serve")
 
 INLINE_DECODE_PIXELS = 256 * 256  # smaller images decode on the event loop (cheaper than a thread hop)
-
-
-@dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"  # loopback only unless asked: the service has no authentication
-    port: int = 8000
-    max_upload_bytes: int = 10 * 1024 * 1024  # request body limit, bytes
-    max_pixels: int = MAX_PIXELS  # decoded pixels per image, checked before decoding
-    max_batch: int = 64  # requests per forward pass
-    threads: int = 1  # PyTorch intra-op threads; the event loop needs the other core
-    decode_workers: int = 2  # threads decoding large images: bounds their memory
-    max_connections: int = 512  # concurrent connections; more get 503 (bounds buffered bodies)
-    access_log: bool = True
-    log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict)  # passed on to uvicorn.Config
 
 
 class HTTPError(Exception):
@@ -210,7 +195,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
     app = FastAPI(
         title="fmnist",
         summary="Fashion-MNIST classifier",
-        description=f"Model `{predictor.meta.get('model')}` from {predictor.run_dir}.",
+        description=f"Model `{predictor.meta.model}` from {predictor.run_dir}.",
         lifespan=lifespan,
     )
     app.state.batcher = batcher
@@ -292,8 +277,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         """Liveness: the model is loaded and the batcher running."""
         return {
             "status": "ok",
-            "model": predictor.meta.get("model"),
-            "test_accuracy": predictor.meta.get("metrics", {}).get("test_accuracy"),
+            "model": predictor.meta.model,
+            "test_accuracy": predictor.meta.test_accuracy,
             "batches": batcher.batches,
             "images": batcher.images,
         }
@@ -347,8 +332,7 @@ def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None
                           "pip install 'fmnist[serve]'") from None
     import torch
 
-    if config.max_batch < 1:
-        raise FmnistError(f"--max-batch must be at least 1, got {config.max_batch}")
+    config.validate()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     predictor = load_model(run_dir)
@@ -356,7 +340,6 @@ def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None
     uvicorn_config = uvicorn.Config(
         app, host=config.host, port=config.port, access_log=config.access_log,
         log_level=config.log_level, limit_concurrency=config.max_connections,
-        **config.extra,
     )
     server = uvicorn.Server(uvicorn_config)
     try:
