@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from plain import PlainNet
 
-from fmnist.checkpoint import cpu_state_dict, load_model, save_model
-from fmnist.data import CLASS_NAMES, load_split, to_tensor
+from fmnist.checkpoint import cpu_state_dict, load_network, save_model
+from fmnist.data import CLASS_NAMES, Normalization, load_split, to_tensor
 from fmnist.evaluate import predict_logits
 from fmnist.models import build_model
+from fmnist.run import ModelMeta, RunDir
 
 
 def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
@@ -38,7 +39,7 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="a run folder of the seed model (default: random weights)")
+    parser.add_argument("--run", help="a run folder of the post's model (default: random weights)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the test set")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -47,19 +48,15 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     run = args.run
     if run is None:  # a run folder with untrained weights, so the export path can be timed too
-        run = Path(tmp.name) / "random"
-        run.mkdir()
-        (run / "config.json").write_text("{}")
-        save_model(run, build_model("seed"), {"model": "seed", "model_args": {}, "class_names": list(CLASS_NAMES),
-                                              "normalization": {"mean": 0.0, "std": 1.0}})
-    model, meta = load_model(run)
+        run = RunDir.create(Path(tmp.name) / "random", "post")
+        save_model(run, build_model("post"), ModelMeta("post", {}, list(CLASS_NAMES), Normalization()))
+    model, meta = load_network(run)
     raw, labels = load_split("test")
-    norm = meta["normalization"]
-    images = to_tensor(raw, norm["mean"], norm["std"])
+    images = to_tensor(raw, meta.normalization.mean, meta.normalization.std)
     pixels = torch.as_tensor(raw, dtype=torch.float32).unsqueeze(1).numpy()
     bs = args.batch_size
 
-    plain = PlainNet().load_fmnist_seed(cpu_state_dict(model)).eval()
+    plain = PlainNet().load_fmnist_post(cpu_state_dict(model)).eval()
 
     def plain_loop():
         with torch.no_grad():

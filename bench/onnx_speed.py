@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmnist.checkpoint import load_model
+from fmnist.checkpoint import load_network
 from fmnist.data import load_split, to_tensor
 from fmnist.export import export_onnx, onnx_session
 
@@ -48,11 +48,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, meta = load_model(args.model)
+    model, meta = load_network(args.model)
     model = model.to(memory_format=torch.channels_last)  # as fmnist.predict runs it
-    norm = meta["normalization"]
     raw, _ = load_split("test")
-    normalised = to_tensor(raw, norm["mean"], norm["std"]).contiguous(memory_format=torch.channels_last)
+    normalised = to_tensor(raw, meta.normalization.mean, meta.normalization.std).contiguous(memory_format=torch.channels_last)
     pixels = raw.astype(np.float32)[:, None]
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,8 @@ class PlainNet(nn.Module):
         x = self.dropout(F.relu(self.fc1(x)))
         return self.fc2(x)
 
-    def load_fmnist_seed(self, state: dict) -> "PlainNet":
-        """Take the weights of fmnist's `seed` model (which flattens in H, W, C order)."""
+    def load_fmnist_post(self, state: dict) -> "PlainNet":
+        """Take the weights of fmnist's `post` model (which flattens in H, W, C order)."""
         fc1 = state["fc1.weight"].view(1024, 7, 7, 64).permute(0, 3, 1, 2).reshape(1024, -1)
         mapping = {"out.weight": "fc2.weight", "out.bias": "fc2.bias"}
         self.load_state_dict({mapping.get(k, k): (fc1 if k == "fc1.weight" else v) for k, v in state.items()})

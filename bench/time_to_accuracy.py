@@ -25,24 +25,19 @@ import torch
 
 from fmnist.config import resolve_train
 from fmnist.data import load_split
-from fmnist.train import total_steps, train
+from fmnist.optim import total_steps
+from fmnist.run import RunDir
+from fmnist.train import train
 
 LEVELS = (0.90, 0.92, 0.93, 0.94, 0.95, 0.96)
 
 
-def read_evaluations(run_dir: Path, steps: int) -> tuple[list[tuple[float, float]], float]:
+def read_evaluations(run: RunDir, steps: int) -> tuple[list[tuple[float, float]], float]:
     """(training seconds, test accuracy) of every test evaluation in a run's metrics, and the
     seconds spent on the evaluations made during training (not the final ones)."""
-    curve, extra = [], 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "split" not in record:
-            continue
-        if record["split"] == "test":
-            curve.append((record["train_seconds"], record["accuracy"]))
-        if record["step"] < steps:
-            extra += record["eval_seconds"]
-    return curve, extra
+    evaluations = run.evaluations()
+    curve = [(r.train_seconds, r.accuracy) for r in evaluations if r.split == "test"]
+    return curve, sum(r.eval_seconds for r in evaluations if r.step < steps)
 
 
 def run_once(preset: str, seed: int, evals: int, overrides: dict) -> dict:
@@ -54,9 +49,10 @@ def run_once(preset: str, seed: int, evals: int, overrides: dict) -> dict:
                             eval_every=max(1, steps // evals), **overrides)
         start = time.perf_counter()
         result = train(cfg, progress=False, log=lambda *_: None)
-        curve, extra = read_evaluations(result.run_dir, result.steps)
+        run = RunDir(result.run_dir)
+        curve, extra = read_evaluations(run, result.steps)
         wall = time.perf_counter() - start - extra
-        config = json.loads((result.run_dir / "config.json").read_text())
+        config = run.read_config()
     reached = {f"{level:.0%}": next((t for t, a in curve if a >= level), None) for level in LEVELS}
     return {"preset": preset, "seed": seed, "device": config["device_resolved"],
             "precision": config["precision_resolved"], "accuracy": result.test.accuracy,

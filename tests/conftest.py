@@ -1,11 +1,35 @@
-"""Shared fixtures: the real dataset and a briefly trained model for tests that need one."""
+"""Shared fixtures: synthetic datasets, the real dataset and a briefly trained model; and the
+`real_data` marker, put on every test that needs the real Fashion-MNIST (or a model trained on
+it), so that the fast tier runs without them:
+
+    python -m pytest -m "not slow and not real_data"      # minutes, no real data needed
+    python -m pytest -m "not slow"                        # + the real data and a 300-step model
+    python -m pytest                                      # + training runs of minutes each
+"""
 
 from __future__ import annotations
 
 import pytest
+from helpers import write_dataset
 
 from fmnist.config import TrainConfig
 from fmnist.data import find_data_dir
+
+# Fixtures that read the real dataset: a test using any of them, directly or through another
+# fixture, is marked real_data.
+REAL_DATA_FIXTURES = {"data_dir", "trained_run"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "real_data: needs the real Fashion-MNIST data or a model trained on it "
+        "(put on by conftest.py from the fixtures a test uses)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_DATA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)
 
 
 @pytest.fixture(scope="session")
@@ -16,36 +40,23 @@ def data_dir():
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir):
-    """A run folder with the seed network trained for 300 steps on the real data (about 86%
+    """A run folder with the post's network trained for 300 steps on the real data (about 86%
     test accuracy): enough for tests that need a model that works."""
     from fmnist.train import train
 
-    out = tmp_path_factory.mktemp("runs") / "seed-300"
+    out = tmp_path_factory.mktemp("runs") / "post-300"
     cfg = TrainConfig(steps=300, out=str(out), plots=False, data_dir=str(data_dir))
     train(cfg, progress=False, log=lambda *_: None)
     return out
 
 
-def write_dataset(directory, n_train: int = 640, n_test: int = 160, seed: int = 0, gz: bool = True):
-    """A small synthetic Fashion-MNIST folder: the four IDX files with random contents, each
-    class drawn as a brighter band at its own rows so that a network can learn it."""
-    import numpy as np
-
-    from fmnist.data import SPLITS, save_idx
-
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 220
-        images_info, labels_info = SPLITS[split]
-        for info, array in ((images_info, images), (labels_info, labels)):
-            save_idx(directory / (info.name if gz else info.name.removesuffix(".gz")), array)
-    return directory
-
-
 @pytest.fixture
 def synthetic_dir(tmp_path):
+    """A small synthetic dataset of the test's own, free to change."""
     return write_dataset(tmp_path / "fashion")
+
+
+@pytest.fixture(scope="session")
+def shared_synthetic_dir(tmp_path_factory):
+    """The same small synthetic dataset for every test of the session: read it, never change it."""
+    return write_dataset(tmp_path_factory.mktemp("data") / "fashion")

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_serve import png, running_server  # noqa: E402
+from helpers import png, running_server  # noqa: E402
 
 from fmnist.data import load_split  # noqa: E402
 from fmnist.predict import load_model  # noqa: E402

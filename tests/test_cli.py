@@ -1,12 +1,12 @@
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import fmnist_cli
 
 from fmnist.cli import main
+from fmnist.run import RunDir
 
-COMMANDS = ["download", "train", "evaluate", "plot", "models"]
+COMMANDS = ["download", "train", "evaluate", "plot", "models", "predict", "export", "serve", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -24,8 +24,13 @@ def test_bad_flag_exits_nonzero(capsys):
     assert "invalid int value" in capsys.readouterr().err
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fmnist", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def test_choices_come_from_the_config(capsys):
+    """Optimisers, schedules, precisions and inits are declared once, as the config's types;
+    argparse refuses any other value itself."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--optimizer", "lamb"])
+    assert info.value.code == 2
+    assert "argument --optimizer: invalid choice: 'lamb'" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
@@ -41,7 +46,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         (["train", "--config", str(tmp_path / "none.toml")], "cannot read config"),
     ]
     for args, expected in cases:
-        result = run_cli(*args)
+        result = fmnist_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("fmnist: error: "), result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
@@ -51,7 +56,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_train_evaluate_plot_end_to_end(synthetic_dir, tmp_path, capsys):
-    run = tmp_path / "run"
+    run = RunDir(tmp_path / "run")
     assert main(["train", "--data-dir", str(synthetic_dir), "--steps", "30", "--batch-size", "32",
                  "--val-size", "64", "--normalize", "--out", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -69,8 +74,8 @@ def test_train_evaluate_plot_end_to_end(synthetic_dir, tmp_path, capsys):
     assert (run / "cost.png").is_file()
 
 
-def test_models_lists_the_seed_network(capsys):
+def test_models_lists_the_post_network(capsys):
     assert main(["models", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert rows["seed"]["parameters"] == 3_274_634
-    assert 27e6 < rows["seed"]["flops_per_image"] < 29e6
+    assert rows["post"]["parameters"] == 3_274_634
+    assert 27e6 < rows["post"]["flops_per_image"] < 29e6

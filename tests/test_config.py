@@ -6,12 +6,12 @@ from fmnist.config import TrainConfig, resolve
 
 def test_defaults_are_the_posts():
     cfg = TrainConfig()
-    assert (cfg.model, cfg.lr, cfg.batch_size, cfg.steps, cfg.keep_prob) == ("seed", 0.001, 128, 500, 0.75)
+    assert (cfg.model, cfg.lr, cfg.batch_size, cfg.steps, cfg.keep_prob) == ("post", 0.001, 128, 500, 0.75)
 
 
 @pytest.mark.parametrize("suffix,text", [
-    (".toml", 'lr = 0.01\nsteps = 50\nmodel = "seed"\nnormalize = true\n'),
-    (".yaml", "lr: 0.01\nsteps: 50\nmodel: seed\nnormalize: true\n"),
+    (".toml", 'lr = 0.01\nsteps = 50\nmodel = "post"\nnormalize = true\n'),
+    (".yaml", "lr: 0.01\nsteps: 50\nmodel: post\nnormalize: true\n"),
 ])
 def test_file_overrides_defaults_and_flags_override_file(tmp_path, suffix, text):
     path = tmp_path / f"c{suffix}"

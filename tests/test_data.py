@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import write_dataset
 
 from fmnist import data
 from fmnist.cli import main

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from fmnist.checkpoint import load_model
+from fmnist.checkpoint import load_network, save_model
 from fmnist.cli import main
-from fmnist.data import CLASS_NAMES, load_split, to_tensor
+from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, Normalization, load_split, to_tensor
 from fmnist.evaluate import predict_logits
+from fmnist.run import RunDir
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -28,9 +30,9 @@ def exported(trained_run, tmp_path_factory):
 
 def torch_logits(run_dir, images: np.ndarray) -> np.ndarray:
     """The reference: the checkpoint in PyTorch, fed the run's own normalisation."""
-    model, meta = load_model(run_dir)
-    norm = meta["normalization"]
-    return predict_logits(model, to_tensor(images, norm["mean"], norm["std"])).numpy()
+    model, meta = load_network(run_dir)
+    norm = meta.normalization
+    return predict_logits(model, to_tensor(images, norm.mean, norm.std)).numpy()
 
 
 def onnx_outputs(path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +73,10 @@ def test_matches_pytorch_on_all_test_images(trained_run, exported, data_dir):
 
 def test_normalisation_is_inside_the_model(trained_run, tmp_path, data_dir):
     """A run trained with standardised inputs: the ONNX model still takes raw pixels."""
-    model, meta = load_model(trained_run)
-    meta = {**meta, "normalization": {"mean": 0.2860406, "std": 0.3530242}}
-    from fmnist.checkpoint import save_model
-
-    save_model(tmp_path, model, meta)
+    model, meta = load_network(trained_run)
+    assert meta.normalization == Normalization(0.0, 1.0)  # the post's: pixels / 255
+    meta = dataclasses.replace(meta, normalization=Normalization(FMNIST_MEAN, FMNIST_STD))
+    save_model(RunDir(tmp_path), model, meta)
     out = tmp_path / "norm.onnx"
     assert main(["export", "--model", str(tmp_path), "--out", str(out)]) == 0
     images, _ = load_split("test", data_dir)
@@ -95,7 +96,7 @@ def test_export_errors_are_one_line(trained_run, tmp_path, capsys):
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_int8_export_keeps_the_accuracy(trained_run, exported, tmp_path):
+def test_int8_export_keeps_the_accuracy(trained_run, exported, tmp_path, data_dir):
     """The int8 model (static, calibrated on training images) agrees with the fp32 export on
     nearly every test image and loses at most half a point of accuracy."""
     out = tmp_path / "int8.onnx"
@@ -104,7 +105,7 @@ def test_int8_export_keeps_the_accuracy(trained_run, exported, tmp_path):
     assert json.loads(read_metadata(out)["class_names"]) == list(CLASS_NAMES)
     graph_ops = {node.op_type for node in onnx.load(str(out)).graph.node}
     assert "QuantizeLinear" in graph_ops and "DequantizeLinear" in graph_ops
-    images, labels = load_split("test")
+    images, labels = load_split("test", data_dir)
     int8 = onnx_outputs(out, images)[0].argmax(1)
     fp32 = onnx_outputs(exported, images)[0].argmax(1)
     assert (int8 == fp32).mean() >= 0.99

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import FmnistError
+from fmnist.config import TrainConfig
 from fmnist.models import build_model, count_parameters, flops_per_image, init_weights, model_names
 
 
@@ -26,7 +27,7 @@ def test_every_model_shape_no_nan_and_learns(name):
     assert count_parameters(model) > 0 and flops_per_image(model) > 0
 
 
-def reference_seed_forward(model, x):
+def reference_post_forward(model, x):
     """The post's network written the plain way: ReLU before pooling, TF's NHWC flatten."""
     x = F.max_pool2d(F.relu(F.conv2d(x, model.conv1.weight, model.conv1.bias, padding=2)), 2)
     x = F.max_pool2d(F.relu(F.conv2d(x, model.conv2.weight, model.conv2.bias, padding=2)), 2)
@@ -36,19 +37,19 @@ def reference_seed_forward(model, x):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_seed_matches_plain_formulation(channels_last):
+def test_post_matches_plain_formulation(channels_last):
     torch.manual_seed(0)
-    model = build_model("seed").eval()
+    model = build_model("post").eval()
     x = torch.randn(4, 1, 28, 28)
-    expected = reference_seed_forward(model, x)
+    expected = reference_post_forward(model, x)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_seed_sizes_are_the_posts():
-    model = build_model("seed")
+def test_post_sizes_are_the_posts():
+    model = build_model("post")
     assert model.conv1.weight.shape == (32, 1, 5, 5)
     assert model.conv2.weight.shape == (64, 32, 5, 5)
     assert model.fc1.weight.shape == (1024, 7 * 7 * 64)
@@ -57,19 +58,21 @@ def test_seed_sizes_are_the_posts():
     assert count_parameters(model) == 3_274_634
 
 
-def test_seed_init_is_standard_normal():
+def test_normal_init_is_standard_normal():
     torch.manual_seed(0)
-    model = build_model("seed")
-    init_weights(model, "seed")
+    model = build_model("post")
+    init_weights(model, "normal")
     weights = torch.cat([p.flatten() for p in model.parameters()])
     assert weights.mean().abs() < 0.01 and (weights.std() - 1).abs() < 0.01
     assert model.conv1.bias.std() > 0.5  # biases are drawn too, not zeroed
-    default = build_model("seed")
+    default = build_model("post")
     assert default.fc1.weight.std() < 0.05  # PyTorch's default is far narrower
-    with pytest.raises(FmnistError, match="unknown init"):
+    with pytest.raises(FmnistError, match="unknown init 'xavier'; choose from: default, normal"):
+        TrainConfig(init="xavier").validate()  # a user's choice is checked before any network exists
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
         init_weights(model, "xavier")
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(FmnistError, match="unknown model 'nope'; choose from: seed"):
+    with pytest.raises(FmnistError, match="unknown model 'nope'; choose from: post"):
         build_model("nope")

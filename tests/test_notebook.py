@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from fmnist.run import RunDir
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -20,7 +22,7 @@ def test_notebook_executes(tmp_path, data_dir):
     text = "\n".join(
         output.get("text", "") for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs
     )
-    assert "test accuracy" in text and "post " in text and "-> seed-bn" in text
+    assert "test accuracy" in text and "post " in text and "-> post-bn" in text
     assert "3,274,634 parameters" in text
-    assert (tmp_path / "runs" / "post" / "model.safetensors").is_file()
-    assert (tmp_path / "runs" / "seed-bn" / "model.safetensors").is_file()
+    assert RunDir(tmp_path / "runs" / "post").has_model()
+    assert RunDir(tmp_path / "runs" / "post-bn").has_model()

@@ -10,12 +10,14 @@ import time
 
 import numpy as np
 import pytest
+from helpers import bomb_png
 from PIL import Image
 
 from fmnist.cli import main
 from fmnist.data import CLASS_NAMES, load_split, save_idx
 from fmnist.images import ImageError, ImageTooLarge, UnsupportedImage, open_image, prepare_image
 from fmnist.predict import load_model
+from fmnist.run import RunDir
 
 
 def render_photo(image: np.ndarray, rng: np.random.Generator, quality: int = 80) -> bytes:
@@ -117,21 +119,6 @@ def test_open_image_refuses_bad_input():
         open_image(png[: len(png) // 2], "half.png")
 
 
-def bomb_png(side: int = 30_000) -> bytes:
-    """A real side x side 1-bit PNG of zeros: about 110 KB that decode to ~900 megapixels."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    compressor = zlib.compressobj(9)
-    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
-    idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_refused_from_its_header():
     bomb = bomb_png()
     assert len(bomb) < 200_000
@@ -214,8 +201,9 @@ def test_predict_command_json_for_pictures_and_batches(trained_run, data_dir, tm
 
 def test_predict_command_uses_latest_run_and_says_so(trained_run, data_dir, tmp_path, monkeypatch, capsys):
     for name in ("older", "newer"):
-        shutil.copytree(trained_run, tmp_path / "runs" / name)
-        os.utime(tmp_path / "runs" / name / "model.json", (time.time(), time.time() + (name == "newer")))
+        run = RunDir(tmp_path / "runs" / name)
+        shutil.copytree(trained_run, run.path)
+        os.utime(run.meta_path, (time.time(), time.time() + (name == "newer")))
     images, _ = load_split("test", data_dir)
     Image.fromarray(images[0]).save(tmp_path / "x.png")
     monkeypatch.chdir(tmp_path)
@@ -232,7 +220,8 @@ def test_predict_command_uses_latest_run_and_says_so(trained_run, data_dir, tmp_
     (np.zeros((2, 5, 5), np.uint8), "expected images of shape"),
     (np.zeros((2, 28, 28), np.float32), "expected uint8 pixels"),
     (None, "file not found"),
-], ids=["truncated-png", "text", "npy-wrong-shape", "npy-float", "missing"])
+    (encode(Image.new("RGB", (640, 480), (236, 230, 220)), "PNG"), "no object found"),
+], ids=["truncated-png", "text", "npy-wrong-shape", "npy-float", "missing", "blank-canvas"])
 def test_predict_command_bad_input_is_one_line(trained_run, tmp_path, capsys, content, message):
     path = tmp_path / ("bad.npy" if isinstance(content, np.ndarray) else "bad.png")
     if isinstance(content, np.ndarray):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from helpers import quiet, small_config, weights, write_dataset
 
 from fmnist import FmnistError
 from fmnist.augment import random_erase, random_flip, random_translate
@@ -13,8 +13,10 @@ from fmnist.checkpoint import load_state
 from fmnist.config import TrainConfig, resolve_train
 from fmnist.evaluate import predict_logits
 from fmnist.models import build_model
+from fmnist.optim import build_optimizer, lr_at
 from fmnist.presets import PRESETS
-from fmnist.train import build_optimizer, check_config, lr_at, train, train_step
+from fmnist.run import RunDir
+from fmnist.train import train, train_step
 
 
 def gen(seed=0):
@@ -78,19 +80,19 @@ def test_learning_rate_schedules():
 
 
 def test_optimizers():
-    model = build_model("seed")
+    model = build_model("post")
     sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4), torch.device("cpu"))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["weight_decay"] == 5e-4
     assert isinstance(build_optimizer(model, TrainConfig(optimizer="adamw"), torch.device("cpu")), torch.optim.AdamW)
     with pytest.raises(FmnistError, match="unknown optimizer 'lamb'"):
-        check_config(TrainConfig(optimizer="lamb"))
+        TrainConfig(optimizer="lamb").validate()
     with pytest.raises(FmnistError, match="unknown schedule"):
-        check_config(TrainConfig(schedule="step"))
+        TrainConfig(schedule="step").validate()
 
 
 def test_label_smoothing_and_gradient_clipping():
     torch.manual_seed(0)
-    model = build_model("seed-bn")
+    model = build_model("post-bn")
     x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -110,7 +112,7 @@ def test_label_smoothing_and_gradient_clipping():
 
 def test_tta_averages_flipped_logits():
     torch.manual_seed(0)
-    model = build_model("seed-bn").eval()
+    model = build_model("post-bn").eval()
     x = torch.randn(10, 1, 28, 28)
     with torch.no_grad():
         expected = (model(x) + model(x.flip(3))) / 2
@@ -119,40 +121,41 @@ def test_tta_averages_flipped_logits():
 
 
 def small(synthetic_dir, tmp_path, **kw):
-    base = dict(steps=15, batch_size=32, val_size=64, data_dir=str(synthetic_dir), out=str(tmp_path / "run"),
-                plots=False, log_every=5, normalize=True)
-    return TrainConfig(**(base | kw))
+    return small_config(synthetic_dir, tmp_path / "run", **dict(steps=15, normalize=True) | kw)
 
 
 def test_ema_weights_are_saved_and_evaluated(synthetic_dir, tmp_path):
-    result = train(small(synthetic_dir, tmp_path, model="seed-bn", ema=0.9), progress=False, log=lambda *_: None)
-    saved = load_file(result.run_dir / "model.safetensors")
-    raw = load_state(result.run_dir / "last.pt")["model"]
-    ema = load_state(result.run_dir / "last.pt")["ema"]
+    result = train(small(synthetic_dir, tmp_path, model="post-bn", ema=0.9), progress=False, log=quiet)
+    saved = weights(result.run_dir)
+    state = load_state(RunDir(result.run_dir).last_state)
+    raw, ema = state["model"], state["ema"]
     assert not torch.equal(saved["conv1.weight"], raw["conv1.weight"].contiguous())
     torch.testing.assert_close(saved["conv1.weight"], ema["module.conv1.weight"].contiguous())
     assert torch.equal(result.model.conv1.weight.detach().contiguous(), saved["conv1.weight"])
 
 
 def test_augmented_run_keeps_labels_and_learns(synthetic_dir, tmp_path):
-    cfg = small(synthetic_dir, tmp_path, model="seed-bn", steps=40, translate=2, flip=True, erase=0.3,
+    cfg = small(synthetic_dir, tmp_path, model="post-bn", steps=40, translate=2, flip=True, erase=0.3,
                 optimizer="adamw", schedule="onecycle", warmup=0.2, label_smoothing=0.1, tta=True)
-    result = train(cfg, progress=False, log=lambda *_: None)
+    result = train(cfg, progress=False, log=quiet)
     assert result.test.accuracy > 0.5  # labels still match their images after augmentation
 
 
 # ----------------------------------------------------------------------------- presets
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_presets_resolve_and_run_on_the_cpu(name, synthetic_dir, tmp_path):
+# The wide ResNet's two steps take 5-20 s of a 2-core CPU: out of the fast tier.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "best" else n for n in PRESETS])
+def test_presets_resolve_and_run_on_the_cpu(name, tmp_path):
     cfg = resolve_train(preset=name)
-    check_config(cfg)
+    cfg.validate()
     assert dataclasses.asdict(cfg)["preset"] == name
-    # A few steps of every preset on the CPU (compilation off: it is tested on its own).
+    # A few steps of every preset on the CPU (compilation off: it is tested on its own), on a
+    # dataset small enough for the wide ResNet to evaluate in a moment.
+    data = write_dataset(tmp_path / "fashion", n_train=64, n_test=16)
     short = dataclasses.replace(cfg, steps=2, epochs=None, batch_size=8, val_size=8, compile=False,
-                                data_dir=str(synthetic_dir), out=str(tmp_path / name), plots=False)
-    result = train(short, progress=False, log=lambda *_: None)
+                                data_dir=str(data), out=str(tmp_path / name), plots=False)
+    result = train(short, progress=False, log=quiet)
     assert 0.0 <= result.test.accuracy <= 1.0
 
 
@@ -167,8 +170,8 @@ def test_flags_override_a_preset():
 def test_compiled_training_matches_eager(synthetic_dir, tmp_path):
     # `fast` has no dropout, whose compiled random numbers differ from eager ones by design.
     kw = dict(model="fast", precision="fp32", steps=3, plots=False, optimizer="sgd", lr=0.01)
-    eager = train(small(synthetic_dir, tmp_path / "e", **kw), progress=False, log=lambda *_: None)
-    compiled = train(small(synthetic_dir, tmp_path / "c", compile=True, **kw), progress=False, log=lambda *_: None)
+    eager = train(small(synthetic_dir, tmp_path / "e", **kw), progress=False, log=quiet)
+    compiled = train(small(synthetic_dir, tmp_path / "c", compile=True, **kw), progress=False, log=quiet)
     # Inductor fuses batch norm and reorders its sums: the same steps up to float rounding.
     for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)

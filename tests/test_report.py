@@ -1,12 +1,12 @@
 """`fmnist report`: the ladder of runs and its report."""
 
-import json
-
 import pytest
+from helpers import quiet
 
 from fmnist import report
 from fmnist.cli import main
 from fmnist.report import Rung
+from fmnist.run import RunDir
 
 
 @pytest.fixture
@@ -22,28 +22,29 @@ def tiny_ladder(monkeypatch):
     monkeypatch.setattr(report, "ladder", short)
 
 
+@pytest.mark.slow  # 8 runs with their plots: ~15 s, out of the fast tier
 def test_report_trains_each_rung_and_reuses_them(tiny_ladder, synthetic_dir, tmp_path):
     out = tmp_path / "ladder"
-    path = report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=lambda *_: None)
+    path = report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=quiet)
     text = path.read_text()
     names = [r.name for r in report.ladder(True, False)]
     assert len(names) == 8
     for name in names:
         assert f"[{name}]({name}/)" in text
-        config = json.loads((out / name / "config.json").read_text())
+        config = RunDir(out / name).read_config()
         assert config["out"] == str(out / name)
-    assert json.loads((out / "01-post" / "config.json").read_text())["init"] == "seed"
-    last = json.loads((out / "08-network" / "config.json").read_text())
+    assert RunDir(out / "01-post").read_config()["init"] == "normal"
+    last = RunDir(out / "08-network").read_config()
     assert (last["model"], last["translate"], last["flip"], last["tta"]) == ("fast", 2, True, True)
     assert last["ema"] > 0 and last["schedule"] == "onecycle"
     for image in ("ladder_accuracy.png", "ladder_loss.png"):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
 
-    before = {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in names}
+    before = {n: RunDir(out / n).weights_path.stat().st_mtime_ns for n in names}
     logs = []
     report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=logs.append)
     assert sum("reusing" in line for line in logs) == 8
-    assert before == {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in names}
+    assert before == {n: RunDir(out / n).weights_path.stat().st_mtime_ns for n in names}
 
 
 def test_report_refuses_a_file_as_folder(tmp_path, capsys):
@@ -57,9 +58,10 @@ def test_quick_report_on_real_data_climbs(tmp_path, data_dir):
     """The --quick ladder on the real data: the top rung beats the post by a wide margin."""
     assert main(["report", "--quick", "--out", str(tmp_path / "ladder"), "--quiet"]) == 0
     accuracy = {}
-    for run in sorted((tmp_path / "ladder").iterdir()):
-        if (run / "model.json").is_file():
-            accuracy[run.name] = json.loads((run / "model.json").read_text())["metrics"]["test_accuracy"]
+    for path in sorted((tmp_path / "ladder").iterdir()):
+        run = RunDir(path)
+        if run.meta_path.is_file():
+            accuracy[path.name] = run.read_meta().test_accuracy
     assert len(accuracy) == 8
     assert 0.78 <= accuracy["01-post"] <= 0.86
     assert accuracy["08-network"] >= 0.88 and accuracy["08-network"] > accuracy["01-post"] + 0.04

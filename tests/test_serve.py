@@ -8,21 +8,19 @@ import http.client
 import io
 import json
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import bomb_png, get, png, running_server
 from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from fmnist.cli import build_parser  # noqa: E402
+from fmnist.cli import build_parser, config_from_args  # noqa: E402
+from fmnist.config import ServeConfig  # noqa: E402
 from fmnist.data import CLASS_NAMES, load_split  # noqa: E402
 from fmnist.images import open_image, prepare_image  # noqa: E402
 from fmnist.predict import load_model  # noqa: E402
@@ -31,57 +29,10 @@ UPLOAD_LIMIT = 2_000_000  # bytes, the test server's --max-upload-bytes
 BOUNDARY = "testboundary1234"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(run_dir, *flags: str):
-    """`fmnist serve` in its own process on a free port; yields (host, port, process)."""
-    for _ in range(3):  # another process may take the free port before the server binds it
-        port = free_port()
-        log = io.BytesIO()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fmnist", "serve", "--model", str(run_dir), "--port", str(port),
-             "--no-access-log", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if get(("127.0.0.1", port), "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        if process.poll() is None:
-            break
-        log.write(process.stdout.read())
-    else:
-        raise RuntimeError(f"server did not start:\n{log.getvalue().decode(errors='replace')}")
-    try:
-        yield "127.0.0.1", port, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        process.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def server(trained_run):
     with running_server(trained_run, "--max-upload-bytes", str(UPLOAD_LIMIT)) as s:
         yield s
-
-
-def get(address, path) -> tuple[int, dict, bytes]:
-    connection = http.client.HTTPConnection(*address[:2], timeout=30)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
 
 
 def multipart(data: bytes, filename: str = "image.png", field: str = "file") -> bytes:
@@ -100,12 +51,6 @@ def post(address, body: bytes, path: str = "/v1/predict",
         return response.status, json.loads(response.read())
     finally:
         connection.close()
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -176,7 +121,8 @@ def test_web_page_has_no_external_assets(server):
 
 
 def test_binds_loopback_by_default():
-    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+    # The flags default to None and the config fills in what is not given, as `fmnist serve` does.
+    assert config_from_args(ServeConfig, build_parser().parse_args(["serve"])).host == "127.0.0.1"
 
 
 # ----------------------------------------------------------------------------- hostile input
@@ -202,7 +148,10 @@ def truncated_png() -> bytes:
     (b"--nonsense\r\n\r\n", None, 400, "malformed multipart body"),
     (multipart(b"x", field="picture"), None, 400, "no field 'file'"),
     (b"\x89PNG...", "image/png", 415, "expected a multipart/form-data upload"),
-], ids=["text", "tiff", "truncated", "empty-file", "empty-body", "garbage-body", "wrong-field", "raw-body"])
+    (multipart(png(np.full((300, 400), 231, np.uint8)), "blank.png"), None, 422,
+     "blank.png: no object found"),
+], ids=["text", "tiff", "truncated", "empty-file", "empty-body", "garbage-body", "wrong-field", "raw-body",
+        "blank-canvas"])
 def test_bad_uploads_get_json_errors(server, body, content_type, status, message):
     content_type = content_type or f"multipart/form-data; boundary={BOUNDARY}"
     got, result = post(server, body, content_type=content_type)
@@ -257,8 +206,6 @@ def test_oversized_chunked_body_is_refused(server):
 
 
 def test_decompression_bomb_is_refused_with_bounded_memory(server):
-    from test_predict import bomb_png
-
     before = peak_rss_mb(server[2].pid)
     status, result = post(server, multipart(bomb_png(30_000)))  # ~110 KB, 900 megapixels
     assert status == 413 and "more than the limit of 25,000,000 pixels" in result["detail"]

@@ -1,40 +1,30 @@
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import assert_same_run, quiet, small_config, weights
 
 from fmnist import FmnistError
-from fmnist.checkpoint import load_model
-from fmnist.config import TrainConfig
-from fmnist.train import BatchSampler, train
-
-
-def small_config(data_dir, out, **overrides) -> TrainConfig:
-    values = dict(steps=12, batch_size=32, val_size=64, log_every=5, data_dir=str(data_dir), out=str(out), plots=False)
-    return TrainConfig(**(values | overrides))
-
-
-def quiet(*_):
-    pass
+from fmnist.checkpoint import load_network
+from fmnist.data import BatchSampler, Normalization
+from fmnist.run import CONFIG_FILE, META_FILE, METRICS_FILE, PLOT_FILES, WEIGHTS_FILE, RunDir
+from fmnist.train import train
 
 
 def test_run_folder_contents(synthetic_dir, tmp_path):
     result = train(small_config(synthetic_dir, tmp_path / "run", plots=True), progress=False, log=quiet)
-    run = result.run_dir
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "model.json",
-                 "cost.png", "samples.png", "confusion_matrix.png", "misclassified.png"):
-        assert (run / name).is_file(), name
-    config = json.loads((run / "config.json").read_text())
+    run = RunDir(result.run_dir)
+    # The names other tools rely on.
+    assert (CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, META_FILE) == ("config.json", "metrics.jsonl", "model.safetensors", "model.json")
+    assert PLOT_FILES == ("cost.png", "samples.png", "confusion_matrix.png", "misclassified.png")
+    for path in (run.config_path, run.metrics_path, run.weights_path, run.meta_path, *run.plot_paths()):
+        assert path.is_file(), path.name
+    config = run.read_config()
     assert config["steps"] == 12 and config["lr"] == 0.001
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r for r in records if "loss" in r and "split" not in r]
-    assert [r["step"] for r in losses] == list(range(12))
-    assert {r["split"] for r in records if "split" in r} == {"val", "test"}
-    meta = json.loads((run / "model.json").read_text())
-    assert meta["model"] == "seed" and len(meta["class_names"]) == 10
-    assert meta["normalization"] == {"mean": 0.0, "std": 1.0}
-    assert meta["metrics"]["test_accuracy"] == pytest.approx(result.test.accuracy)
+    assert [r.step for r in run.losses()] == list(range(12))
+    assert {r.split for r in run.evaluations()} == {"val", "test"}
+    meta = run.read_meta()
+    assert meta.model == "post" and len(meta.class_names) == 10
+    assert meta.normalization == Normalization(mean=0.0, std=1.0)
+    assert meta.test_accuracy == pytest.approx(result.test.accuracy)
     assert (run / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,11 +32,9 @@ def test_same_seed_same_numbers(synthetic_dir, tmp_path):
     a = train(small_config(synthetic_dir, tmp_path / "a"), progress=False, log=quiet)
     b = train(small_config(synthetic_dir, tmp_path / "b"), progress=False, log=quiet)
     c = train(small_config(synthetic_dir, tmp_path / "c", seed=1), progress=False, log=quiet)
-    wa, wb, wc = (load_file(r.run_dir / "model.safetensors") for r in (a, b, c))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(a.run_dir, b.run_dir)  # weights and metrics
+    wa, wc = weights(a.run_dir), weights(c.run_dir)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
-    lines = lambda r: [line for line in (r.run_dir / "metrics.jsonl").read_text().splitlines() if "train_seconds" not in line]  # noqa: E731
-    assert lines(a) == lines(b)
 
 
 def test_saved_model_reproduces_its_accuracy(synthetic_dir, tmp_path):
@@ -54,7 +42,7 @@ def test_saved_model_reproduces_its_accuracy(synthetic_dir, tmp_path):
 
     result = train(small_config(synthetic_dir, tmp_path / "r", steps=40, normalize=True), progress=False, log=quiet)
     assert result.test.accuracy > 0.5  # the synthetic classes are easy
-    model, meta = load_model(result.run_dir)
+    model, meta = load_network(result.run_dir)
     assert not model.training
     assert evaluate_run(result.run_dir, synthetic_dir).accuracy == pytest.approx(result.test.accuracy)
 
@@ -66,15 +54,16 @@ def test_epochs_override_steps(synthetic_dir, tmp_path):
 
 def test_refuses_to_overwrite_a_run(synthetic_dir, tmp_path):
     train(small_config(synthetic_dir, tmp_path / "r"), progress=False, log=quiet)
-    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    run = RunDir(tmp_path / "r")
+    before = run.weights_path.read_bytes()
     with pytest.raises(FmnistError, match="already holds a run"):
         train(small_config(synthetic_dir, tmp_path / "r"), progress=False, log=quiet)
-    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    assert run.weights_path.read_bytes() == before
 
 
 def test_diverging_loss_stops_with_the_step(synthetic_dir, tmp_path):
     with pytest.raises(FmnistError, match=r"loss became (nan|inf) at step \d+"):
-        train(small_config(synthetic_dir, tmp_path / "r", lr=1e30, init="seed", steps=30, log_every=1),
+        train(small_config(synthetic_dir, tmp_path / "r", lr=1e30, init="normal", steps=30, log_every=1),
               progress=False, log=quiet)
 
 

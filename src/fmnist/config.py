@@ -68,6 +68,7 @@ class TrainConfig:
     translate: int = opt(0, "augmentation: shift each image by up to this many pixels")
     flip: bool = opt(False, "augmentation: mirror half the images left-right")
     erase: float = opt(0.0, "augmentation: probability of erasing a random rectangle")
+    photo: float = opt(0.0, "augmentation: probability of making an image look like a prepared photo (mirror, rotation up to 15 degrees, stretch, the preparation's crop and resize, gamma, blur)")
     ema: float = opt(0.0, "decay of an exponential moving average of the weights, which is evaluated and saved (0: off)")
     tta: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror image")
     compile: bool = opt(False, "torch.compile the network for training")
@@ -98,9 +99,12 @@ class TrainConfig:
 
         check_choices(self)
         model_spec(self.model)
-        for name in ("warmup", "label_smoothing", "erase", "ema"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "erase"):
+        for name in ("warmup", "label_smoothing", "ema"):
+            if not 0.0 <= getattr(self, name) < 1.0:
                 raise FmnistError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("erase", "photo"):  # probabilities
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FmnistError(f"--{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.translate < 0 or self.grad_clip < 0:
             raise FmnistError("--translate and --grad-clip must not be negative")
         for name in ("batch_size", "nproc"):
@@ -112,6 +116,11 @@ class TrainConfig:
             raise FmnistError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")
         if self.batch_size % self.nproc:
             raise FmnistError(f"--batch-size {self.batch_size} does not split into {self.nproc} equal shares (--nproc)")
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (an optional extra)
+            except ImportError:
+                raise FmnistError("--tensorboard needs the tensorboard extra: pip install 'fmnist[tensorboard]'") from None
 
     @property
     def model_args(self) -> dict[str, Any]:

@@ -99,6 +99,10 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def my_share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's equal slice of a global batch (of indices)."""
+        return batch.tensor_split(self.world_size)[self.rank] if self.enabled else batch
+
     def shard(self, n: int) -> slice:
         """This process's contiguous share of n items, for evaluation."""
         chunk = math.ceil(n / self.world_size)

@@ -51,7 +51,8 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         x = to_tensor(images, self.mean, self.std)
-        return predict_logits(self.model, x).softmax(1).numpy()
+        # A model trained with mirror images averages each image with its mirror, as `evaluate` does.
+        return predict_logits(self.model, x, tta=self.meta.tta).softmax(1).numpy()
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[list[dict[str, Any]]]:
         """The k most probable classes of each row, most probable first."""

@@ -158,6 +158,22 @@ def multipart_file(body: bytes, content_type: str, field_name: str = "file") -> 
                     f"multipart field '{field_name}'")
 
 
+def _prepare(image, name: str) -> np.ndarray:
+    return prepare_image(load_pixels(image, name), name=name)
+
+
+async def prepare_upload(data: bytes, filename: str, max_pixels: int, decoder: ThreadPoolExecutor) -> np.ndarray:
+    """The uploaded picture as a prepared 28x28 image: small ones decoded on the event loop
+    (cheaper than a thread hop), large ones in the decoder pool; bad images give their 4xx."""
+    try:
+        image = open_image(data, filename, max_pixels, load=False)
+        if image.width * image.height <= INLINE_DECODE_PIXELS:
+            return _prepare(image, filename)
+        return await asyncio.get_running_loop().run_in_executor(decoder, _prepare, image, filename)
+    except ImageError as e:
+        raise HTTPError(e.status, str(e)) from None
+
+
 def query_options(params, num_classes: int) -> tuple[int, bool]:
     """`top_k` (1..num_classes, default 3) and `input` (a boolean, default false)."""
     raw = params.get("top_k", "3")
@@ -172,8 +188,49 @@ def query_options(params, num_classes: int) -> tuple[int, bool]:
 # ----------------------------------------------------------------------------- the app
 
 
+def upload_openapi(num_classes: int) -> dict:
+    """The OpenAPI description of POST /v1/predict's upload, query options and answers."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary",
+                                        "description": "PNG, JPEG, WebP, BMP or GIF"}},
+            }}},
+        },
+        "parameters": [
+            {"name": "top_k", "in": "query", "description": "classes to return (default 3)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": num_classes}},
+            {"name": "input", "in": "query", "description": "also return the 28x28 input the "
+             "model saw, as a PNG data URL (default false)", "schema": {"type": "boolean"}},
+        ],
+        "responses": {
+            "200": {"description": "the most probable classes, most probable first"},
+            "400": {"description": "empty, truncated or corrupt image, malformed upload"},
+            "413": {"description": "body over the size limit or image over the pixel limit"},
+            "415": {"description": "not an image, or a format other than PNG/JPEG/WebP/BMP/GIF"},
+            "422": {"description": "a bad query parameter, or a picture with no object on it (blank or uniform)"},
+        },
+    }
+
+
 def _static_file(name: str) -> bytes:
     return resources.files("fmnist").joinpath("static", name).read_bytes()
+
+
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+
+
+def static_file(name: str) -> tuple[bytes, str]:
+    """The bytes and media type of a file of the web page; 404 for anything else."""
+    suffix = os.path.splitext(name)[1]
+    if "/" in name or suffix not in STATIC_TYPES:
+        raise HTTPError(404, f"no static file {name!r}")
+    try:
+        return _static_file(name), f"{STATIC_TYPES[suffix]}; charset=utf-8"
+    except FileNotFoundError:
+        raise HTTPError(404, f"no static file {name!r}") from None
 
 
 def create_app(predictor: Predictor, config: ServeConfig | None = None):
@@ -216,32 +273,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error(500, "internal error")
 
-    def prepare(image, name: str) -> np.ndarray:
-        return prepare_image(load_pixels(image, name))
-
-    upload_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {"multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary",
-                                        "description": "PNG, JPEG, WebP, BMP or GIF"}},
-            }}},
-        },
-        "parameters": [
-            {"name": "top_k", "in": "query", "description": "classes to return (default 3)",
-             "schema": {"type": "integer", "minimum": 1, "maximum": len(predictor.class_names)}},
-            {"name": "input", "in": "query", "description": "also return the 28x28 input the "
-             "model saw, as a PNG data URL (default false)", "schema": {"type": "boolean"}},
-        ],
-        "responses": {
-            "200": {"description": "the most probable classes, most probable first"},
-            "400": {"description": "empty, truncated or corrupt image, malformed upload"},
-            "413": {"description": "body over the size limit or image over the pixel limit"},
-            "415": {"description": "not an image, or a format other than PNG/JPEG/WebP/BMP/GIF"},
-            "422": {"description": "a bad query parameter"},
-        },
-    }
+    upload_schema = upload_openapi(len(predictor.class_names))
 
     @app.post("/v1/predict", openapi_extra=upload_schema)
     async def predict(request: Request):
@@ -252,15 +284,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         if not body:
             raise HTTPError(400, "empty request body: send the image as multipart field 'file'")
         data, filename = multipart_file(body, request.headers.get("content-type", ""))
-        try:
-            image = open_image(data, filename, config.max_pixels, load=False)
-            if image.width * image.height <= INLINE_DECODE_PIXELS:
-                prepared = prepare(image, filename)
-            else:
-                loop = asyncio.get_running_loop()
-                prepared = await loop.run_in_executor(decoder, prepare, image, filename)
-        except ImageError as e:
-            raise HTTPError(e.status, str(e)) from None
+        prepared = await prepare_upload(data, filename, config.max_pixels, decoder)
         row = await batcher.probabilities(prepared)
         result: dict[str, Any] = {"top": predictor.top(row[None], top_k)[0]}
         if want_input:
@@ -289,14 +313,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
-        types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
-        suffix = os.path.splitext(name)[1]
-        if "/" in name or suffix not in types:
-            raise HTTPError(404, f"no static file {name!r}")
-        try:
-            return Response(_static_file(name), media_type=f"{types[suffix]}; charset=utf-8")
-        except FileNotFoundError:
-            raise HTTPError(404, f"no static file {name!r}") from None
+        content, media_type = static_file(name)
+        return Response(content, media_type=media_type)
 
     app.add_middleware(ContentLengthLimit, limit=config.max_upload_bytes)
     return app

@@ -47,6 +47,37 @@ def build_network(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return model.to(device, memory_format=memory_format)
 
 
+@dataclass
+class Learner:
+    """What training changes: the network, its optimiser, the batch order, the augmentations'
+    generator and the moving average of the weights; each is saved in a checkpoint."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    augment: Augment
+    ema: torch.optim.swa_utils.AveragedModel | None
+
+    @property
+    def final(self) -> nn.Module:
+        """The weights evaluated and saved: the moving average when on, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def stateful(self) -> dict:
+        parts = {"model": self.model, "optimizer": self.optimizer, "sampler": self.sampler, "augment": self.augment}
+        return parts | ({"ema": self.ema} if self.ema is not None else {})
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+
+def build_learner(cfg: TrainConfig, n_train: int, norm: Normalization, device: torch.device) -> Learner:
+    model = build_network(cfg, device)
+    return Learner(model, build_optimizer(model, cfg), BatchSampler(n_train, cfg.batch_size, cfg.seed, device),
+                   Augment.from_config(cfg, norm.black, norm.std, device), build_ema(model, cfg.ema))
+
+
 def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None,
                label_smoothing: float = 0.0, grad_clip: float = 0.0) -> torch.Tensor:
     """One optimiser step on a batch; returns the mean batch loss, still on the device."""
@@ -132,9 +163,14 @@ class Evaluator:
     """Evaluations of the weights that are saved (the EMA's, when on) during and after
     training, each written to the metrics and left out of the training time."""
 
-    def __init__(self, model: nn.Module, splits: dict, ctx: Dist, tta: bool, metrics: Metrics, clock: Stopwatch):
-        self.model, self.splits, self.ctx, self.tta = model, splits, ctx, tta
+    def __init__(self, model: nn.Module, splits: dict, ctx: Dist, tta: bool, every: int, metrics: Metrics,
+                 clock: Stopwatch):
+        self.model, self.splits, self.ctx, self.tta, self.every = model, splits, ctx, tta, every
         self.metrics, self.clock = metrics, clock
+
+    def due(self, done: int) -> bool:
+        """Whether to evaluate on the validation split after `done` steps, during training."""
+        return bool(self.every) and done % self.every == 0 and len(self.splits["val"]) > 0
 
     def __call__(self, split: str, step: int) -> Evaluation:
         begin = time.perf_counter()
@@ -175,8 +211,26 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
+def wrap_network(model: nn.Module, compile: bool, ctx: Dist) -> nn.Module:
+    """The network the training step calls: under DDP (which averages the gradients over the
+    processes during backward), compiled when asked."""
     from torch.nn.parallel import DistributedDataParallel
+
+    net = model
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
+
+
+def announce(log, cfg: TrainConfig, ctx: Dist, run: RunDir, steps: int, precision: str, start: int) -> None:
+    processes = f" in {ctx.world_size} processes" if ctx.enabled else ""
+    log(f"training {cfg.model} on {ctx.device} ({precision}){processes} for {steps} steps of {cfg.batch_size} -> {run}")
+    if cfg.resume:
+        log(f"resuming from step {start} ({run.last_state})" if start else
+            f"no checkpoint in {run} yet: training it from the start")
+
+
+def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     from tqdm.auto import tqdm
 
     # ---- set-up: data, network, optimiser, run folder, resumed state
@@ -189,14 +243,8 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     norm = Normalization.of_training_set(cfg.normalize)
     data = load_splits(cfg.val_size, norm, cfg.data_dir, device)
     steps = total_steps(cfg, len(data["train"]))
-    model = build_network(cfg, device)
-    optimizer = build_optimizer(model, cfg)
-    sampler = BatchSampler(len(data["train"]), cfg.batch_size, cfg.seed, device)
-    augment = Augment(cfg.translate, cfg.flip, cfg.erase, norm.black, cfg.seed, device)
-    ema = build_ema(model, cfg.ema)
-    final = ema.module if ema is not None else model  # the weights evaluated and saved
-    stateful = {"model": model, "optimizer": optimizer, "sampler": sampler, "augment": augment}
-    stateful |= {"ema": ema} if ema is not None else {}
+    learner = build_learner(cfg, len(data["train"]), norm, device)
+    model, optimizer = learner.model, learner.optimizer
     if ctx.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # its own dropout masks
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -204,14 +252,10 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     images, labels = data["train"].images.contiguous(memory_format=memory_format), data["train"].labels
 
     run = open_run_dir(cfg, ctx)
-    saver = CheckpointSaver(run, stateful, ctx, cfg.checkpoint_every, track_best=cfg.eval_every > 0, log=log)
+    saver = CheckpointSaver(run, learner.stateful(), ctx, cfg.checkpoint_every, track_best=cfg.eval_every > 0, log=log)
     resumed = saver.restore(steps) if cfg.resume else None
     start = resumed.step if resumed else 0
-    net = model
-    if ctx.enabled:  # averages the gradients over the processes during backward
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = wrap_network(model, cfg.compile, ctx)
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     metrics = Metrics()
     if ctx.is_main:
@@ -219,18 +263,14 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                                          "precision_resolved": precision, "world_size": ctx.world_size})
         metrics = open_metrics(run, cfg, resume_from=start if resumed else None)
     saver.metrics = metrics
-    processes = f" in {ctx.world_size} processes" if ctx.enabled else ""
-    log(f"training {cfg.model} on {device} ({precision}){processes} for {steps} steps of {cfg.batch_size} -> {run}")
-    if cfg.resume:
-        log(f"resuming from step {start} ({run.last_state})" if start else
-            f"no checkpoint in {run} yet: training it from the start")
+    announce(log, cfg, ctx, run, steps, precision, start)
 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
     losses = LossLog(ctx, metrics, cfg.log_every, bar.write if progress else log)
     losses.last_good = saver.last_good
     clock = Stopwatch(resumed.train_seconds if resumed else 0.0)
-    evaluate = Evaluator(final, data, ctx, cfg.tta, metrics, clock)
+    evaluate = Evaluator(learner.final, data, ctx, cfg.tta, cfg.eval_every, metrics, clock)
     val_result, val_step = None, None
     model.train()
     try:
@@ -238,26 +278,22 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
             # ---- the loop: learning rate, batch, augment, step, EMA; then log, evaluate, checkpoint
             for step in bar:
                 lr = set_lr(optimizer, lr_at(step, cfg, steps))
-                idx = sampler.next()
-                if ctx.enabled:
-                    idx = idx.tensor_split(ctx.world_size)[ctx.rank]  # this process's slice of the batch
-                loss = train_step(net, optimizer, augment(images[idx]), labels[idx], amp_dtype,
+                idx = ctx.my_share(learner.sampler.next())
+                loss = train_step(net, optimizer, learner.augment(images[idx]), labels[idx], amp_dtype,
                                   cfg.label_smoothing, cfg.grad_clip)
-                if ema is not None:
-                    ema.update_parameters(model)
+                learner.update_ema()
                 losses.add(step, lr, loss)
 
                 done = step + 1
                 stopping = stop.requested() and done < steps
                 checkpointing = done < steps and (stopping or saver.due(done))
-                evaluating = bool(cfg.eval_every) and done % cfg.eval_every == 0 and len(data["val"]) > 0
+                evaluating = evaluate.due(done)
                 if losses.due(step) or done == steps or checkpointing or evaluating:
                     bar.set_postfix(loss=f"{losses.flush():.4f}")
                 if evaluating:
                     val_result, val_step = evaluate("val", done), done
                     if cfg.eval_test and done < steps:
                         evaluate("test", done)
-                    model.train()
                 if done < steps:
                     saver.after_step(done, checkpointing, val_result.accuracy if val_step == done else None,
                                      clock.seconds())
@@ -279,22 +315,22 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
         if val_result is not None:
             log(f"validation accuracy {val_result.accuracy:.4f}")
         log(f"test accuracy {test_result.accuracy:.4f}")
+        meta = ModelMeta(cfg.model, cfg.model_args, list(CLASS_NAMES), norm, tta=cfg.tta, config=to_dict(cfg),
+                         steps=steps, train_seconds=train_seconds,
+                         metrics={"test_accuracy": test_result.accuracy, "test_loss": test_result.loss,
+                                  "val_accuracy": val_result.accuracy if val_result else None})
         if ctx.is_main:
-            meta = ModelMeta(cfg.model, cfg.model_args, list(CLASS_NAMES), norm, tta=cfg.tta, config=to_dict(cfg),
-                             steps=steps, train_seconds=train_seconds,
-                             metrics={"test_accuracy": test_result.accuracy, "test_loss": test_result.loss,
-                                      "val_accuracy": val_result.accuracy if val_result else None})
-            save_model(run, final, meta)
+            save_model(run, learner.final, meta)
         # After model.json: a run killed before this point resumes from its previous checkpoint
         # and trains its last steps again.
-        saver.finish(steps, val_result.accuracy if val_result else None, train_seconds)
+        saver.finish(steps, meta.metrics["val_accuracy"], train_seconds)
         if ctx.is_main and cfg.plots:
             write_run_plots(run, data, test_result, metrics, steps)
             log(f"plots written to {run}")
     finally:
         saver.wait()
         metrics.close()
-    return TrainResult(run.path, test_result, val_result, steps, train_seconds, final)
+    return TrainResult(run.path, test_result, val_result, steps, train_seconds, learner.final)
 
 
 def write_run_plots(run: RunDir, data: dict, test_result: Evaluation, metrics: Metrics, step: int) -> None:

@@ -43,7 +43,10 @@ async function classify(blob, name) {
     if (!response.ok) {
       $("model-input").removeAttribute("src");
       $("predictions").replaceChildren();
-      setStatus(`Error ${response.status}: ${body.detail}`, true);
+      const noObject = response.status === 422 && String(body.detail).includes("no object found");
+      setStatus(noObject
+        ? `No object found in ${name}: photograph one item on a plain background, filling most of the picture.`
+        : `Error ${response.status}: ${body.detail}`, true);
       return;
     }
     $("model-input").src = body.input;
