@@ -110,3 +110,24 @@ def test_int8_export_keeps_the_accuracy(trained_run, exported, tmp_path, data_di
     fp32 = onnx_outputs(exported, images)[0].argmax(1)
     assert (int8 == fp32).mean() >= 0.99
     assert (int8 == labels).mean() >= (fp32 == labels).mean() - 0.005
+
+
+def test_a_model_trained_with_mirror_images_exports_their_average(tmp_path):
+    """A run whose model.json asks for flip averaging (tta) exports it, so the ONNX model's
+    probabilities are the predictor's."""
+    from fmnist.models import build_model
+    from fmnist.predict import load_model
+    from fmnist.run import ModelMeta
+
+    torch.manual_seed(0)
+    run = RunDir.create(tmp_path / "run", "fast")
+    save_model(run, build_model("fast"), ModelMeta("fast", {}, list(CLASS_NAMES),
+                                                   Normalization(FMNIST_MEAN, FMNIST_STD), tta=True))
+    out = tmp_path / "fast.onnx"
+    assert main(["export", "--model", str(run.path), "--out", str(out)]) == 0
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 28, 28)).astype(np.uint8)
+    got = onnx_session(out).run(["probabilities"], {"pixels": pixels.astype(np.float32)[:, None]})[0]
+    predictor = load_model(run.path)
+    np.testing.assert_allclose(got, predictor.probabilities(pixels), atol=1e-5)
+    plain = predict_logits(predictor.model, to_tensor(pixels, FMNIST_MEAN, FMNIST_STD)).softmax(1).numpy()
+    assert np.abs(got - plain).max() > 1e-3  # the average, not one image alone

@@ -33,15 +33,18 @@ OUTPUT_NAMES = ("logits", "probabilities")
 class RawPixelModel(nn.Module):
     """A trained model behind its own normalisation: pixels 0..255 in, logits and probabilities out."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float):
+    def __init__(self, model: nn.Module, mean: float, std: float, tta: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.tta = model, tta
         # (pixels / 255 - mean) / std, folded into one multiply-add
         self.register_buffer("scale", torch.tensor(1.0 / (255.0 * std)))
         self.register_buffer("shift", torch.tensor(-mean / std))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, 1, 28, 28)
-        logits = self.model(pixels * self.scale + self.shift)  # (N, classes)
+        x = pixels * self.scale + self.shift
+        logits = self.model(x)  # (N, classes)
+        if self.tta:  # a model trained with mirror images: the mean with its mirror's, as evaluate
+            logits = (logits + self.model(x.flip(3))) / 2
         return logits, logits.softmax(1)
 
 
@@ -82,7 +85,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
         raise FmnistError(f"{out.parent}: no such folder")
     model, meta = load_network(run_dir, "cpu")
     norm = meta.normalization
-    wrapped = RawPixelModel(model, norm.mean, norm.std).eval()
+    wrapped = RawPixelModel(model, norm.mean, norm.std, tta=meta.tta).eval()
     example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     batch = torch.export.Dim("batch")
     onnx_log = logging.getLogger("torch.onnx")
