@@ -20,14 +20,17 @@ Schedule = Literal["constant", "cosine", "onecycle"]
 Precision = Literal["auto", "fp32", "bf16"]
 Init = Literal["default", "normal"]
 
+# Decoded pixels of one image (after JPEG's draft scaling), checked from its header: <= 100 MB RGBA.
+MAX_PIXELS = 25_000_000
+
 # Names earlier versions wrote into run folders, read as today's.
 LEGACY_NAMES = {"model": {"seed": "post", "seed-bn": "post-bn"}, "init": {"seed": "normal"},
                 "preset": {"seed": "post"}}
 
 
-def opt(default: Any, help: str, **metadata):
+def opt(default: Any, help: str):
     """A config field whose help text serves the docs and the command-line flag alike."""
-    return field(default=default, metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help})
 
 
 def choices(cls, name: str) -> tuple[str, ...] | None:
@@ -274,7 +277,7 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only; the service has no authentication)")
     port: int = opt(8000, "TCP port")
     max_upload_bytes: int = opt(10 * 1024 * 1024, "largest request body accepted, in bytes")
-    max_pixels: int = opt(25_000_000, "largest decoded image, in pixels, checked from its header before decoding")
+    max_pixels: int = opt(MAX_PIXELS, "largest decoded image, in pixels, checked from its header before decoding")
     max_batch: int = opt(64, "most concurrent requests run through the model as one batch")
     threads: int = opt(1, "PyTorch intra-op threads of the model (the event loop needs a core)")
     decode_workers: int = opt(2, "threads decoding large images (bounds their memory)")

@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist import FmnistError
+from fmnist.config import MAX_PIXELS
 from fmnist.data import IMAGE_SIZE, DataError, load_idx
 from fmnist.io import atomic_open
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what Pillow may decode for us
-MAX_PIXELS = 25_000_000  # decoded pixels of one image (after JPEG's draft scaling): <= 100 MB RGBA
 WORK_SIZE = 512  # pixels: JPEGs decode at least this large; without OpenCV, pictures shrink to it
 OBJECT_LEVEL = 0.05 * 255  # the dataset's trim threshold: 5% of full intensity above background
 

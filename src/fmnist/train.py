@@ -132,10 +132,10 @@ class LossLog:
     """The step losses, kept on the device and read back every `every` steps (and before an
     evaluation or a checkpoint): one host sync per interval instead of one per step."""
 
-    def __init__(self, ctx: Dist, metrics: Metrics, every: int, say):
+    def __init__(self, ctx: Dist, metrics: Metrics, every: int, say, last_good):
         self.ctx, self.metrics, self.every, self.say = ctx, metrics, max(1, every), say
+        self.last_good = last_good  # "; RUN/last.pt holds step N", for messages
         self.pending: list[tuple[int, float, torch.Tensor]] = []
-        self.last_good = lambda: ""  # where the last good state is, for messages
 
     def add(self, step: int, lr: float, loss: torch.Tensor) -> None:
         self.pending.append((step, lr, loss))
@@ -267,8 +267,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
 
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
-    losses = LossLog(ctx, metrics, cfg.log_every, bar.write if progress else log)
-    losses.last_good = saver.last_good
+    losses = LossLog(ctx, metrics, cfg.log_every, bar.write if progress else log, saver.last_good)
     clock = Stopwatch(resumed.train_seconds if resumed else 0.0)
     evaluate = Evaluator(learner.final, data, ctx, cfg.tta, cfg.eval_every, metrics, clock)
     val_result, val_step = None, None
