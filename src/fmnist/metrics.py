@@ -29,6 +29,8 @@ from fmnist.run import (
 
 
 class MetricsSink(Protocol):
+    takes_images: bool  # whether `image` keeps anything: callers prepare no images for a sink that does not
+
     def write(self, record: Record) -> None: ...
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
@@ -50,6 +52,8 @@ class MetricsSink(Protocol):
 
 class JsonlSink:
     """metrics.jsonl: one JSON object a line, appended as training goes."""
+
+    takes_images = False  # the plots are PNG files beside it
 
     def __init__(self, run: RunDir):
         self.path = run.metrics_path
@@ -99,6 +103,8 @@ class TensorBoardSink:
     number of optimiser steps done when it was measured (a loss of step s at s + 1), so a
     resumed run's restart marker hides everything written after its checkpoint."""
 
+    takes_images = True
+
     def __init__(self, run: RunDir):
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -146,6 +152,10 @@ class Metrics:
 
     def __init__(self, sinks: Sequence[MetricsSink] = ()):
         self.sinks = list(sinks)
+
+    @property
+    def takes_images(self) -> bool:
+        return any(sink.takes_images for sink in self.sinks)
 
     def write(self, record: Record) -> None:
         for sink in self.sinks:

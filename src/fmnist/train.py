@@ -340,6 +340,6 @@ def write_run_plots(run: RunDir, data: dict, test_result: Evaluation, metrics: M
 
     paths = write_plots(run, data["train"].raw, data["train"].labels.cpu(), data["test"].raw,
                         data["test"].labels.cpu(), test_result, CLASS_NAMES)
-    for path in paths:
+    for path in paths if metrics.takes_images else []:  # read back only for a sink that keeps images
         with Image.open(path) as picture:
             metrics.image(f"plots/{path.stem}", np.asarray(picture.convert("RGB")), step)
