@@ -60,6 +60,22 @@ def quiet(*_) -> None:
     """A `log` that says nothing."""
 
 
+def untrained_run(directory: Path, model: str = "post") -> RunDir:
+    """A run folder holding a freshly initialised network as its model: for tests of the
+    machinery around a model (serving, loading) that need no accuracy and no data."""
+    from fmnist.checkpoint import save_model
+    from fmnist.data import CLASS_NAMES, Normalization
+    from fmnist.run import ModelMeta
+
+    torch.manual_seed(0)
+    meta = ModelMeta(model, {"keep_prob": 0.75} if model.startswith("post") else {}, list(CLASS_NAMES),
+                     Normalization())
+    run = RunDir(directory)
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_model(run, meta.build(), meta)
+    return run
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -142,15 +158,53 @@ def png(image: np.ndarray) -> bytes:
 
 def bomb_png(side: int = 30_000) -> bytes:
     """A real side x side 1-bit PNG of zeros: about 110 KB that decode to ~900 megapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
+    chunk = png_chunk
     compressor = zlib.compressobj(9)
     row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
     idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _small_picture(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# Crafted files that cost a decoder time per byte rather than per pixel, padded to `size` bytes.
+
+def png_of_private_chunks(size: int) -> bytes:
+    """A 28x28 PNG with empty private chunks between its header and its pixels."""
+    picture, empty = _small_picture("PNG"), png_chunk(b"prVt", b"")
+    header = 8 + 25  # signature, IHDR
+    return picture[:header] + empty * ((size - len(picture)) // len(empty)) + picture[header:]
+
+
+def jpeg_of_empty_segments(size: int) -> bytes:
+    """A 28x28 JPEG with empty APP1 segments before its frame header."""
+    picture = _small_picture("JPEG")
+    return picture[:2] + b"\xff\xe1\x00\x02" * ((size - len(picture)) // 4) + picture[2:]
+
+
+def bmp_rle_noops(size: int, side: int = 16) -> bytes:
+    """A side x side 8-bit RLE BMP whose pixel data is end-of-line codes that draw nothing."""
+    pixels = b"\x00\x00" * ((size - 54 - 1024 - 2) // 2) + b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+
+def multipart_of_parts(size: int, boundary: str) -> bytes:
+    """A multipart body of tiny fields, as many as fit in `size` bytes."""
+    part, end = f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\r\n".encode(), f"--{boundary}--\r\n".encode()
+    return part * ((size - len(end)) // len(part)) + end
 
 
 # ----------------------------------------------------------------------------- processes on ports
