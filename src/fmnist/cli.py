@@ -44,7 +44,7 @@ def config_from_args(cls, args: argparse.Namespace, file=None):
 def cmd_download(args) -> int:
     from fmnist.data import download
 
-    download(args.data_dir, mirror=args.mirror, progress=not args.quiet)
+    download(args.data_dir, mirror=args.mirror, progress=not args.quiet, timeout=args.timeout)
     return 0
 
 
@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "write each atomically. Data is looked for in: --data-dir, $FMNIST_DATA, "
                        "./data/fashion, ~/.cache/fmnist, /usr/share/datasets/fashion-mnist.")
     p.add_argument("--data-dir", help="where to put the files (default: ~/.cache/fmnist)")
-    p.add_argument("--mirror", help="base URL to download from (default: $FMNIST_MIRROR or the official mirror)")
+    p.add_argument("--mirror", help="base URL to download from (default: $FMNIST_MIRROR or the official mirror, over HTTPS)")
+    p.add_argument("--timeout", type=float, default=600.0, help="most seconds one file may take (default: 600)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download)
 
