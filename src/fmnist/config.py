@@ -188,6 +188,8 @@ def _explicit_values(cls, file: str | os.PathLike | None, overrides: dict[str, A
     values: dict[str, Any] = {}
     if file is not None:
         for key, value in read_config_file(file).items():
+            if not isinstance(key, str):
+                raise FmnistError(f"{file}: config keys must be field names, got {key!r}")
             key = key.replace("-", "_")
             if key not in known:
                 raise FmnistError(f"{file}: unknown config field {key!r}")
@@ -208,6 +210,17 @@ def resolve(cls, file: str | os.PathLike | None = None, **overrides):
 # else would make it a different run than the one its checkpoint belongs to.
 RESUME_MAY_CHANGE = ("steps", "epochs", "log_every", "eval_every", "eval_test", "checkpoint_every", "plots",
                      "tensorboard", "device", "threads", "data_dir", "nproc")
+
+
+# Fields that say where and how a run is carried out or reported, not what it trains: two runs
+# that differ only in these follow the same recipe.
+NOT_RECIPE = ("out", "resume", "preset", "device", "threads", "data_dir", "nproc", "compile", "channels_last",
+              "plots", "tensorboard", "log_every", "eval_every", "eval_test", "checkpoint_every")
+
+
+def recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a TrainConfig (as a dict, names upgraded) that decide what is trained."""
+    return {k: v for k, v in upgrade_names(values).items() if k not in NOT_RECIPE}
 
 
 def check_resumable(saved: dict[str, Any], values: dict[str, Any]) -> None:

@@ -31,6 +31,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     fsync_dir(path.parent)
 
 
+@contextmanager
+def writing(path: str | os.PathLike):
+    """Turn a failure to write `path` (a full disk, a quota, a read-only folder) into one
+    FmnistError naming it, for the command line to print as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise FmnistError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable (POSIX; a no-op where folders cannot be opened)."""
     try:
