@@ -109,7 +109,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
         "input": "float32 pixels 0..255, shape (N, 1, 28, 28), light object on black",
         "model": meta.model,
         "fmnist_version": __version__,
-        "source_run": str(Path(run_dir).resolve()),
+        "source_run": Path(run_dir).resolve().name,  # its name only: no paths of this machine
     }
     del proto.metadata_props[:]
     for key, value in metadata.items():
