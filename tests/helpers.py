@@ -207,6 +207,49 @@ def multipart_of_parts(size: int, boundary: str) -> bytes:
     return part * ((size - len(end)) // len(part)) + end
 
 
+def picture_bytes():
+    """A Hypothesis strategy for files a user might upload, honest or not: small pictures of any
+    mode and size in each supported format (and TIFF), then truncated, with bytes flipped or
+    garbage inserted; and plain random bytes."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def picture(draw) -> bytes:
+        mode = draw(st.sampled_from(["L", "RGB", "RGBA", "P", "1", "LA", "I;16"]))
+        fmt = draw(st.sampled_from(["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]))
+        width, height = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+        seed = draw(st.integers(0, 2**32 - 1))
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA")
+        image = image.convert("RGB").convert("P") if mode == "P" else image.convert(mode if mode != "I;16" else "I")
+        if mode == "I;16":
+            image = image.convert("I;16")
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format=fmt)
+        except (OSError, ValueError, KeyError):  # a mode this format cannot hold
+            image.convert("RGB").save(buffer, format=fmt if fmt != "GIF" else "PNG")
+        return buffer.getvalue()
+
+    @st.composite
+    def spoiled(draw) -> bytes:
+        data = bytearray(draw(picture()))
+        for _ in range(draw(st.integers(0, 4))):
+            at = draw(st.integers(0, len(data) - 1))
+            change = draw(st.sampled_from(["flip", "cut", "insert"]))
+            if change == "flip":
+                data[at] ^= draw(st.integers(1, 255))
+            elif change == "cut":
+                del data[at:]
+                if not data:
+                    break
+            else:
+                data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        return bytes(data)
+
+    return st.one_of(picture(), spoiled(), st.binary(max_size=512))
+
+
 # ----------------------------------------------------------------------------- processes on ports
 
 

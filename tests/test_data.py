@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fmnist import data
 from fmnist.cli import main
@@ -91,6 +93,41 @@ def test_a_gzip_bomb_is_read_no_further_than_its_header_says(tmp_path):
     path.write_bytes(gzip_bomb(idx_bytes(np.zeros(9, np.uint8)), members=100))
     with pytest.raises(DataError, match="unexpected trailing bytes after the 17 bytes its header declares"):
         load_idx(path)
+
+
+@st.composite
+def idx_like(draw) -> bytes:
+    """Bytes that look like IDX to a varying degree: any header fields, dimensions near the
+    payload's real length or wildly off, payloads short or long, sometimes gzipped."""
+    code = draw(st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E, 0x00, 0x42]))
+    ndim = draw(st.integers(0, 6))
+    dims = draw(st.lists(st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)), min_size=ndim, max_size=ndim))
+    header = bytes([0, 0, code, ndim]) + struct.pack(f">{ndim}I", *dims)
+    head = draw(st.sampled_from([header, header[:draw(st.integers(0, len(header)))], b"\x12\x34" + header[2:]]))
+    data = head + draw(st.binary(max_size=300))
+    return gzip.compress(data) if draw(st.booleans()) else data
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.one_of(idx_like(), st.binary(max_size=64)))
+def test_any_bytes_parse_or_give_one_clear_error(raw):
+    try:
+        array = data.parse_idx(raw, "x.idx")
+    except DataError as e:
+        assert str(e).startswith("x.idx: ") and "\n" not in str(e)
+        return
+    assert array.ndim == raw[3] and array.size * array.itemsize == len(raw) - 4 - 4 * raw[3]
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.one_of(idx_like(), st.binary(max_size=64)))
+def test_any_file_loads_or_gives_one_clear_error(tmp_path_factory, raw):
+    path = tmp_path_factory.mktemp("idx") / "file-ubyte"
+    path.write_bytes(raw)
+    try:
+        load_idx(path)
+    except DataError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
 
 
 def test_not_gzip_and_corrupt_gzip(tmp_path):

@@ -20,11 +20,14 @@ from helpers import (
     bmp_rle_noops,
     jpeg_of_empty_segments,
     multipart_of_parts,
+    picture_bytes,
     png,
     png_of_private_chunks,
     running_server,
     untrained_run,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -369,6 +372,47 @@ async def asgi_get(app, path: str) -> tuple[int, dict]:
     await app(scope, receive, send)
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(body)
+
+
+@st.composite
+def uploads(draw) -> tuple[bytes, str]:
+    """A request body and its Content-Type: a picture (honest or spoiled) in a multipart body,
+    itself sometimes spoiled, or anything at all."""
+    picture = draw(picture_bytes())
+    body = draw(st.sampled_from([multipart(picture), multipart(picture)[:draw(st.integers(0, 200))],
+                                 multipart(picture).replace(b"file", b"fil"), picture, draw(st.binary(max_size=300))]))
+    content_type = draw(st.sampled_from([f"multipart/form-data; boundary={BOUNDARY}", "multipart/form-data",
+                                         "image/png", "", f"multipart/form-data; boundary={BOUNDARY[:-1]}",
+                                         "multipart/form-data; boundary=\"\""]))
+    return body, content_type
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(upload=uploads())
+def test_any_upload_is_prepared_or_gets_a_4xx(upload):
+    """The upload path in this process: a 28x28 image or an HTTPError with a 4xx status."""
+    from fmnist.serve import HTTPError, Uploads
+
+    body, content_type = upload
+    pool = Uploads(ServeConfig())
+    try:
+        image = asyncio.run(pool.prepare(body, content_type))
+        assert image.dtype == np.uint8 and image.shape == (28, 28)
+    except HTTPError as e:
+        assert 400 <= e.status < 500 and "\n" not in e.message, e.message
+    finally:
+        pool.shutdown()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(upload=uploads(), query=st.sampled_from(["", "?top_k=10", "?input=true", "?top_k=%C2%B2", "?top_k=-1&input=x"]))
+def test_any_upload_over_http_gets_200_or_a_json_4xx(server, upload, query):
+    body, content_type = upload
+    status, headers, answer = request(server, "POST", "/v1/predict" + query, body, {"Content-Type": content_type})
+    assert status == 200 or 400 <= status < 500, (status, answer[:200])
+    assert headers["content-type"] == "application/json" and json.loads(answer)
+    assert server[2].poll() is None
 
 
 def test_big_image_in_a_small_file_is_decoded_in_the_large_lane():

@@ -771,6 +771,7 @@ def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None
     app = create_app(predictor, config)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # and our own lines, as uvicorn's
     log_config["loggers"]["fmnist"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    log_config["loggers"]["python_multipart"] = {"level": "ERROR"}  # a line per malformed upload: its 400 says it
     uvicorn_config = uvicorn.Config(
         app, host=config.host, port=config.port, access_log=config.access_log, log_config=log_config,
         log_level=config.log_level, http=guarded_protocol(config), server_header=False,
