@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from helpers import png, running_server  # noqa: E402
+from helpers import png, running_server, untrained_run  # noqa: E402
 
 from fmnist.data import load_split  # noqa: E402
 from fmnist.predict import load_model  # noqa: E402
@@ -80,3 +80,28 @@ def test_bad_file_shows_the_error(page, tmp_path):
     page.set_input_files("#file-input", str(path))
     sync_api.expect(page.locator("#status")).to_contain_text("Error 415", timeout=20_000)
     assert page.locator("#predictions li").count() == 0
+
+
+def test_page_with_an_api_key_asks_for_it_once(tmp_path):
+    """A service with --api-key: the page asks for the key on its first 401 and classifies; its
+    Content-Security-Policy lets the page do all it does (no violation in the console)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    key = "browser-key-0123456789abcdef"
+    run = untrained_run(tmp_path / "untrained")
+    with running_server(run.path, "--api-key", key) as (host, port, _), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        prompts, console = [], []
+        page.on("dialog", lambda dialog: (prompts.append(dialog.message), dialog.accept(key)))
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(f"http://{host}:{port}/")
+        path = tmp_path / "item.png"
+        path.write_bytes(png(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)))
+        page.set_input_files("#file-input", str(path))
+        sync_api.expect(page.locator("#status")).to_contain_text("item.png: ", timeout=20_000)
+        page.set_input_files("#file-input", str(path))  # the key is kept: no second question
+        sync_api.expect(page.locator("#predictions li")).to_have_count(5, timeout=20_000)
+        browser.close()
+    assert prompts == ["This service needs an API key:"]
+    assert not [m for m in console if "Content Security Policy" in m], console

@@ -32,14 +32,28 @@ function showPredictions(top) {
   }
 }
 
+// A service started with an API key wants it on /v1/*: asked for once, kept for this tab.
+function authHeaders() {
+  const key = sessionStorage.getItem("fmnist-api-key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function classify(blob, name) {
   $("preview").src = URL.createObjectURL(blob);
   setStatus(`Classifying ${name}...`);
   const form = new FormData();
   form.append("file", blob, name);
   try {
-    const response = await fetch(`/v1/predict?top_k=${TOP_K}&input=true`, { method: "POST", body: form });
+    const response = await fetch(`/v1/predict?top_k=${TOP_K}&input=true`,
+      { method: "POST", body: form, headers: authHeaders() });
     const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
+    if (response.status === 401) {
+      const key = window.prompt("This service needs an API key:");
+      if (key) {
+        sessionStorage.setItem("fmnist-api-key", key.trim());
+        return classify(blob, name);
+      }
+    }
     if (!response.ok) {
       $("model-input").removeAttribute("src");
       $("predictions").replaceChildren();
