@@ -84,8 +84,8 @@ def test_a_second_process_cannot_train_a_run_being_trained(shared_synthetic_dir,
     flags = ["--data-dir", shared_synthetic_dir, "--batch-size", "32", "--val-size", "64", "--no-plots", "--quiet"]
     assert fmnist_cli("train", "--steps", "4", "--out", run.path, *flags).returncode == 0
     first = subprocess.Popen([sys.executable, "-m", "fmnist", "train", "--resume", str(run.path), "--steps", "100000",
-                              "--checkpoint-every", "0", *map(str, flags)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                              "--checkpoint-every", "0", "--log-every", "1", "--threads", "1", *map(str, flags)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while losses_written(run) <= 4 and time.monotonic() < deadline:  # it has the lock once it writes

@@ -207,8 +207,11 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     cfg.validate()
     ctx = setup(resolve_device(cfg.device))
     try:
-        if cfg.out and not cfg.resume and not ctx.enabled:  # before any data is read; again under its lock
-            RunDir(cfg.out).refuse_if_not_empty()
+        if not ctx.enabled:  # fail fast, before any data is read; checked again under the lock
+            if cfg.resume:
+                RunDir.existing(cfg.resume).lock().unlock()
+            elif cfg.out:
+                RunDir(cfg.out).refuse_if_not_empty()
         with ExitStack() as held:  # the run folder's lock, released however training ends
             # Only rank 0 prints, logs, writes checkpoints and plots.
             return _train(cfg, ctx, held, progress and ctx.is_main, log if ctx.is_main else _silent)
