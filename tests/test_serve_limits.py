@@ -178,8 +178,16 @@ def test_keep_alive_connections_serve_many_requests(server):
 
 
 def test_oversized_request_head_gets_431(server):
-    status, _, body = request(server, "GET", "/healthz", headers={"X-Big": "x" * 40_000})
+    status, headers, body = request(server, "GET", "/healthz", headers={"X-Big": "x" * 40_000})
     assert status == 431 and b"over 32,768 bytes" in body
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+
+
+def test_a_request_that_is_not_http_gets_a_json_400(server):
+    with socket.create_connection(server[:2]) as s:
+        s.sendall(b"\x16\x03\x01 not HTTP at all\r\n\r\n")  # e.g. TLS spoken to a plain-HTTP port
+        reply = read_until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 400") and b'{"detail": "Invalid HTTP request received."}' in reply
 
 
 def test_at_the_connection_limit_the_longest_idle_connection_makes_room(model_run):

@@ -554,13 +554,16 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.j
             "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
+SECURITY_HEADERS = [("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"),
+                    ("referrer-policy", "no-referrer"), ("cross-origin-resource-policy", "same-origin")]
+
+
 class SecurityHeaders:
     """Adds to every response: a Content-Security-Policy, nosniff, no framing, no referrer."""
 
     def __init__(self, app, docs: bool = False):
         self.app, self.docs = app, docs
-        common = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                  (b"referrer-policy", b"no-referrer"), (b"cross-origin-resource-policy", b"same-origin")]
+        common = [(name.encode(), value.encode()) for name, value in SECURITY_HEADERS]
         self.headers = [(b"content-security-policy", CSP.encode()), *common]
         self.docs_headers = [(b"content-security-policy", DOCS_CSP.encode()), *common]
 
@@ -587,8 +590,9 @@ class HeadTooLarge(Exception):
 def raw_json_response(status: str, message: str, *headers: str) -> bytes:
     """A whole HTTP/1.1 JSON error response, for the protocol to write before any app runs."""
     body = json.dumps({"detail": message}).encode()
-    head = [f"HTTP/1.1 {status}", "content-type: application/json", "x-content-type-options: nosniff",
-            *headers, "connection: close", f"content-length: {len(body)}"]
+    head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-security-policy: {CSP}",
+            *(f"{name}: {value}" for name, value in SECURITY_HEADERS), *headers, "connection: close",
+            f"content-length: {len(body)}"]
     return "\r\n".join(head).encode() + b"\r\n\r\n" + body
 
 
@@ -659,11 +663,13 @@ class ConnectionGuard:
         self._count(len(name) + len(value))
         super().on_header(name, value)
 
-    def send_400_response(self, msg: str) -> None:
-        if not self.head_too_large:
-            return super().send_400_response(msg)
-        self.transport.write(raw_json_response("431 Request Header Fields Too Large",
-                                               f"request line and headers over {self.limits.max_header_bytes:,} bytes"))
+    def send_400_response(self, msg: str) -> None:  # uvicorn's answer to what httptools cannot parse
+        if self.head_too_large:
+            answer = raw_json_response("431 Request Header Fields Too Large",
+                                       f"request line and headers over {self.limits.max_header_bytes:,} bytes")
+        else:
+            answer = raw_json_response("400 Bad Request", msg)
+        self.transport.write(answer)
         self.transport.close()
 
     def on_headers_complete(self) -> None:
