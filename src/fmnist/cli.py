@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP prediction service with a web page",
                        description="Serve a model over HTTP: POST /v1/predict (multipart field "
-                       "'file'), GET /v1/classes, GET /healthz, the OpenAPI page at /docs and a "
-                       "web page at /. Needs the serve extra.")
+                       "'file'), GET /v1/classes, GET /healthz, the OpenAPI schema at /openapi.json "
+                       "(its page at /docs with --docs) and a web page at /. Set FMNIST_API_KEY (or "
+                       "--api-key) before binding beyond loopback. Needs the serve extra.")
     p.add_argument("--model", metavar="RUN_DIR", help="run folder of the model (default: the most recent under ./runs)")
     add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
