@@ -64,7 +64,12 @@ def format_evaluation(result) -> str:
     """The evaluation as a table: accuracy, per-class accuracy, confusion matrix."""
     names = list(result.per_class)
     width = max(len(n) for n in names)
-    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}", ""]
+    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}"]
+    c = result.calibration
+    if c:
+        lines.append(f"calibration   ECE {c['ece']:.2%}   NLL {c['nll']:.4f}   (temperature {c['temperature']:.3f}; "
+                     f"without it ECE {c['ece_uncalibrated']:.2%}, NLL {c['nll_uncalibrated']:.4f})")
+    lines.append("")
     lines.append(f"{'class':<{width}}  accuracy")
     for name, acc in result.per_class.items():
         lines.append(f"{name:<{width}}  {acc:8.4f}")
@@ -80,11 +85,30 @@ def cmd_evaluate(args) -> int:
     from fmnist.evaluate import evaluate_run
 
     result = evaluate_run(args.run_dir, args.data_dir, args.device, args.precision)
+    reliability = write_reliability(args.run_dir, result)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(format_evaluation(result))
+        if reliability:
+            print(f"\nreliability diagram written to {reliability}")
     return 0
+
+
+def write_reliability(run_dir, result):
+    """The reliability diagram of an evaluation into the run folder; its path (None when the
+    folder cannot take it)."""
+    from fmnist.plots import plot_reliability
+    from fmnist.run import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        plot_reliability(result.logits, result.labels, result.calibration.get("temperature", 1.0),
+                         run.reliability_path)
+    except OSError as e:
+        print(f"fmnist: warning: no reliability diagram: {run.reliability_path}: {e.strerror}", file=sys.stderr)
+        return None
+    return run.reliability_path
 
 
 def cmd_plot(args) -> int:
@@ -119,10 +143,14 @@ def cmd_models(args) -> int:
 
 
 def format_predictions(result: dict[str, Any]) -> str:
-    """A small table per image: rank, class, probability and a bar."""
+    """A small table per image: rank, class, probability and a bar; and a plain warning for an
+    image that does not look like Fashion-MNIST."""
     lines = []
     for entry in result["predictions"]:
         lines.append(entry["file"] or "<image>")
+        if entry.get("in_distribution") is False:
+            lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}); "
+                         "the classes below are the model's guess all the same")
         width = max(len(t["label"]) for t in entry["top"])
         for rank, t in enumerate(entry["top"], 1):
             bar = "#" * round(20 * t["probability"])
@@ -142,6 +170,21 @@ def cmd_predict(args) -> int:
     note = "" if args.model else " (the most recent run under ./runs)"
     print(f"model: {run_dir}{note}")
     print(format_predictions(result))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from fmnist.calibrate import calibrate_run
+
+    entry = calibrate_run(args.run_dir, args.data_dir, args.device)
+    if args.json:
+        print(json.dumps(entry))
+        return 0
+    figures, ood = entry["validation"], entry["ood"]
+    print(f"{args.run_dir}: temperature {entry['temperature']:.3f} "
+          f"(validation ECE {figures['ece']:.2%} -> {figures['ece_calibrated']:.2%}, "
+          f"NLL {figures['nll']:.4f} -> {figures['nll_calibrated']:.4f}); "
+          f"out-of-distribution threshold {ood['threshold']:.3f} ({ood['pass_rate']:.0%} of validation images pass)")
     return 0
 
 
@@ -228,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help=data_dir_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="fit a run's temperature and out-of-distribution threshold",
+                       description="Fit, on the run's validation split, the temperature that makes its "
+                       "probabilities honest and the out-of-distribution score's threshold (95% of "
+                       "validation images pass), and write them into its model.json and ood.safetensors. "
+                       "Training does this itself; this is for runs trained before it did.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fmnist train`")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("models", help="list the registered networks",
                        description="List the registered networks with parameters and FLOPs per image.")

@@ -115,4 +115,38 @@ def plot_run(run_dir, data_dir=None) -> list[Path]:
     images, labels, raw = load_test_tensors(meta, data_dir)
     evaluation = evaluate(model, images, labels, meta.class_names, tta=meta.tta)
     train_raw, train_labels = load_split("train", data_dir)
-    return write_plots(run, train_raw, train_labels, raw, labels, evaluation, meta.class_names)
+    paths = write_plots(run, train_raw, train_labels, raw, labels, evaluation, meta.class_names)
+    if meta.calibration:
+        plot_reliability(evaluation.logits, labels, meta.temperature, run.reliability_path)
+        paths.append(run.reliability_path)
+    return paths
+
+
+def plot_reliability(logits, labels, temperature: float, path: Path) -> None:
+    """The reliability diagram of the test set: in each confidence bin, how often the model is
+    right against how sure it says it is, before and after the run's temperature."""
+    import torch
+
+    from fmnist.calibrate import expected_calibration_error, reliability
+
+    logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.4), sharey=True)
+    for ax, t, name in ((axes[0], 1.0, "raw softmax"), (axes[1], temperature, f"temperature {temperature:.2f}")):
+        probabilities = (logits / t).softmax(1)
+        bins = reliability(probabilities, labels)
+        width = 1 / len(bins["centers"])
+        accuracy = [a if a is not None else 0 for a in bins["accuracy"]]
+        ax.bar(bins["centers"], accuracy, width=width * 0.95, color="#4c72b0", label="accuracy in the bin")
+        gaps = [(c - a) if c is not None else 0 for c, a in zip(bins["confidence"], accuracy, strict=True)]
+        ax.bar(bins["centers"], gaps, bottom=accuracy, width=width * 0.95, color="#dd8452", alpha=0.5,
+               label="confidence - accuracy")
+        ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle="--", label="perfect calibration")
+        ece = expected_calibration_error(probabilities, labels)
+        ax.set_title(f"{name}: ECE {ece:.2%}")
+        ax.set_xlabel("confidence (top class probability)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle("Reliability on the test set")
+    _save(fig, path)

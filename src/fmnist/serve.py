@@ -67,11 +67,16 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    async def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Class probabilities of one prepared uint8 (28, 28) image."""
+    async def assess(self, image: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Class probabilities and out-of-distribution score (None for a run not calibrated) of
+        one prepared uint8 (28, 28) image."""
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((image, future))
         return await future
+
+    async def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities of one prepared uint8 (28, 28) image."""
+        return (await self.assess(image))[0]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,7 +86,7 @@ class Batcher:
                 items.append(self.queue.get_nowait())
             batch = np.stack([image for image, _ in items])
             try:
-                rows = await loop.run_in_executor(self.executor, self.predictor.probabilities, batch)
+                rows, scores = await loop.run_in_executor(self.executor, self.predictor.assess, batch)
             except Exception as e:  # the model failing fails its requests, not the service
                 log.exception("model failed on a batch of %d", len(items))
                 for _, future in items:
@@ -90,9 +95,10 @@ class Batcher:
                 continue
             self.batches += 1
             self.images += len(items)
-            for (_, future), row in zip(items, rows, strict=True):
+            scores = [None] * len(items) if scores is None else scores
+            for (_, future), row, score in zip(items, rows, scores, strict=True):
                 if not future.done():  # its client may have gone
-                    future.set_result(row)
+                    future.set_result((row, score))
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -206,7 +212,10 @@ def upload_openapi(num_classes: int) -> dict:
              "model saw, as a PNG data URL (default false)", "schema": {"type": "boolean"}},
         ],
         "responses": {
-            "200": {"description": "the most probable classes, most probable first"},
+            "200": {"description": "the most probable classes, most probable first (probabilities "
+                    "tempered by the run's calibration); `ood_score` (higher: less like Fashion-MNIST) "
+                    "and `in_distribution` (false: this does not look like clothing), null for a run "
+                    "not calibrated"},
             "400": {"description": "empty, truncated or corrupt image, malformed upload"},
             "413": {"description": "body over the size limit or image over the pixel limit"},
             "415": {"description": "not an image, or a format other than PNG/JPEG/WebP/BMP/GIF"},
@@ -285,8 +294,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
             raise HTTPError(400, "empty request body: send the image as multipart field 'file'")
         data, filename = multipart_file(body, request.headers.get("content-type", ""))
         prepared = await prepare_upload(data, filename, config.max_pixels, decoder)
-        row = await batcher.probabilities(prepared)
-        result: dict[str, Any] = {"top": predictor.top(row[None], top_k)[0]}
+        row, score = await batcher.assess(prepared)
+        scores = None if score is None else np.asarray([score])
+        result: dict[str, Any] = predictor.describe(row[None], scores, top_k)[0]
         if want_input:
             result["input"] = "data:image/png;base64," + base64.b64encode(input_png(prepared)).decode()
         return JSONResponse(result)

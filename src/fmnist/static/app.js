@@ -51,7 +51,13 @@ async function classify(blob, name) {
     }
     $("model-input").src = body.input;
     showPredictions(body.top);
-    setStatus(`${name}: ${body.top[0].label}`);
+    $("predictions").classList.toggle("doubtful", body.in_distribution === false);
+    if (body.in_distribution === false) {
+      setStatus(`${name} does not look like clothing (out-of-distribution score ${body.ood_score.toFixed(2)}): ` +
+                "the bars below are the model's guess all the same.", true);
+    } else {
+      setStatus(`${name}: ${body.top[0].label}`);
+    }
   } catch (err) {
     setStatus(`Cannot reach the service: ${err}`, true);
   }
