@@ -19,7 +19,11 @@ with Pillow, each from a fixed seed:
   scenes   grey patches of scikit-learn's two sample photographs
   inverted Fashion-MNIST test images, dark on light (a picture prepared without its background removed)
 
-Needs scikit-learn (`pip install -e '.[explain]'` brings it).
+With `--photos N`, also the other side of the coin: N photographs of test images per condition
+of bench/photos.py (uneven light, textures, shadows, ...), prepared as `fmnist predict` prepares
+pictures, and the share of them the score lets pass as clothing.
+
+Needs scikit-learn (`pip install -e '.[explain]'` brings it) and, for --photos, OpenCV.
 """
 
 from __future__ import annotations
@@ -186,11 +190,33 @@ def report(run: str, sets: dict[str, np.ndarray], val_images: np.ndarray, test_i
     print("\ncells: AUROC against the test set / share flagged at the 95%-of-validation threshold\n")
 
 
+def photo_pass_rates(runs: list[str], n: int) -> None:
+    """The share of prepared clothing photos each run's score lets pass, per photo condition."""
+    from photos import CONDITIONS, render_condition
+
+    images, labels = load_split("test")
+    renders = [render_condition(c, images, labels, n, seed=0) for c in CONDITIONS if c != "all"]
+    print(f"## clothing photos passing ({n} per condition, pictures with no object found left out)\n")
+    print("| run | " + " | ".join(r.condition for r in renders) + " |")
+    print("|---|" + "---:|" * len(renders))
+    for run in runs:
+        predictor = load_model(run)
+        cells = []
+        for r in renders:
+            found = r.new[~r.no_object]
+            _, scores = predictor.assess(found)
+            cells.append("-" if scores is None else f"{np.mean(scores <= predictor.detector.threshold):.0%}")
+        print(f"| {run} | " + " | ".join(cells) + " |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="run folders to measure")
     parser.add_argument("--per-set", type=int, default=1000, help="images per drawn set (default: 1000)")
     parser.add_argument("--save-examples", metavar="PNG", help="write the first 12 images of each set as one PNG")
+    parser.add_argument("--photos", type=int, default=0, metavar="N",
+                        help="also N clothing photos per condition of bench/photos.py (default: 0, none)")
     args = parser.parse_args()
     torch.manual_seed(0)
     train_images, _ = load_split("train")
@@ -205,6 +231,8 @@ def main() -> None:
         meta = load_model(run).meta
         val_size = meta.config.get("val_size", 5000)
         report(str(Path(run)), sets, train_images[:val_size], test_images)
+    if args.photos:
+        photo_pass_rates(args.runs, args.photos)
 
 
 if __name__ == "__main__":
