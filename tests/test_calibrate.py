@@ -14,7 +14,6 @@ from helpers import fmnist_cli, quiet, small_config
 from fmnist import FmnistError
 from fmnist.calibrate import (
     OodDetector,
-    calibrate_run,
     expected_calibration_error,
     fit_temperature,
     kth_distance,
