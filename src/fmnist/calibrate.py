@@ -7,14 +7,15 @@ Two things are fitted after training, on data the weights never saw:
 - a **temperature** T (Guo et al., 2017): probabilities are softmax(logits / T), with T the one
   that minimises the negative log-likelihood of the validation split. It changes no prediction,
   only how sure each one says it is;
-- an **out-of-distribution score**: how far an image is from the training images, in two
-  spaces at once. Nearest neighbours (cosine, the k-th closest) among a bank of training images
-  in pixel space catch pictures whose shapes no garment has (text, line drawings, faces), and
-  among the pooled activations of the last convolution catch textures and statistics the network
-  never met (noise, blank canvases, photographs of scenes, digits). Each distance is put on the
-  scale of the validation split's (0 at its median, 1 at its 95th percentile) and the score is
-  the larger of the two; the threshold is the score 95% of validation images stay under, so 95%
-  of Fashion-MNIST passes by construction. The maximum softmax probability and the energy score,
+- an **out-of-distribution score**: how far an image is from the training images, in three
+  spaces at once, by the distance (cosine, to the k-th closest) to a bank of training images.
+  In pixel space it catches pictures whose shapes no garment has (text, line drawings, faces);
+  in the pooled activations of the first convolution, strokes, edges and textures no garment
+  has (digits, noise, blank canvases, scenes, dark-on-light pictures); in those of the last
+  convolution, what the network makes of them. Each distance is put on the scale of the
+  validation split's (0 at its median, 1 at its 95th percentile) and the score is the largest of
+  the three; the threshold is the score 95% of validation images stay under, so 95% of
+  Fashion-MNIST passes by construction. The maximum softmax probability and the energy score,
   measured side by side in bench/ood.py, miss most of these inputs (see the README).
 
 The temperature and the threshold live in model.json ("calibration"); the two banks of training
@@ -101,27 +102,31 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- network probe
 
 
-def last_conv(model: nn.Module) -> nn.Conv2d:
+def probed_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """The first and the last convolution of a network (one entry for a single convolution)."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise FmnistError(f"{type(model).__name__} has no convolution to take features from")
-    return convs[-1]
+    return {"first_conv": convs[0]} | ({"last_conv": convs[-1]} if len(convs) > 1 else {})
 
 
 @torch.inference_mode()
 def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = False,
-                        batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, classes) and the last convolution's activations pooled over the image, mean
-    of the rectified ones and maximum per channel (N, 2 x channels), of normalised images; with
-    `tta`, both averaged over each image and its mirror image, as predictions are."""
-    layer, pooled = last_conv(model), []
+                        batch_size: int = 500) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits (N, classes) of normalised images and the activations of the first and the last
+    convolution pooled over the image, mean of the rectified ones and maximum per channel
+    ({layer: (N, 2 x channels)}); with `tta`, all averaged over each image and its mirror
+    image, as predictions are."""
+    layers, pooled = probed_layers(model), {}
 
-    def keep(module, inputs, output):
-        output = output.float()
-        pooled.append(torch.cat([output.relu().mean((2, 3)), output.amax((2, 3))], 1))
+    def keeper(name):
+        def keep(module, inputs, output):
+            output = output.float()
+            pooled.setdefault(name, []).append(torch.cat([output.relu().mean((2, 3)), output.amax((2, 3))], 1))
+        return keep
 
     model.eval()
-    hook = layer.register_forward_hook(keep)
+    hooks = [layer.register_forward_hook(keeper(name)) for name, layer in layers.items()]
     logits = []
     try:
         for start in range(0, len(images), batch_size):
@@ -129,18 +134,22 @@ def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = Fals
             out = model(x).float()
             if tta:
                 out = (out + model(x.flip(3)).float()) / 2
-                pooled[-2:] = [(pooled[-2] + pooled[-1]) / 2]
+                for kept in pooled.values():
+                    kept[-2:] = [(kept[-2] + kept[-1]) / 2]
             logits.append(out)
     finally:
-        hook.remove()
-    return torch.cat(logits).cpu(), torch.cat(pooled).cpu()
+        for hook in hooks:
+            hook.remove()
+    if not logits:
+        return images.new_zeros((0, 0)).cpu(), {}
+    return torch.cat(logits).cpu(), {name: torch.cat(kept).cpu() for name, kept in pooled.items()}
 
 
 # ----------------------------------------------------------------------------- out of distribution
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=1, eps=1e-6)
+    return F.normalize(x.float().flatten(1), dim=1, eps=1e-6)
 
 
 def kth_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
@@ -156,7 +165,7 @@ def kth_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int =
 class Detector:
     """One nearest-neighbour distance, on the validation split's scale."""
 
-    name: str  # "pixels" or "features"
+    name: str  # "pixels", "first_conv" or "last_conv"
     k: int
     median: float = 0.0  # of the validation split's distances
     scale: float = 1.0  # their 95th percentile minus their median
@@ -168,32 +177,29 @@ class Detector:
 class OodDetector:
     """Scores images by their distance to the training set; see the module's description."""
 
-    def __init__(self, pixels: torch.Tensor, features: torch.Tensor, detectors: list[Detector], threshold: float):
-        self.pixels = _unit(pixels.reshape(len(pixels), -1))  # (bank, 784)
-        self.features = _unit(features)  # (bank, 2 x channels)
-        self.bank_pixels = pixels  # uint8, kept to save
-        self.bank_features = features
+    def __init__(self, banks: dict[str, torch.Tensor], detectors: list[Detector], threshold: float):
+        self.banks = banks  # "pixels": uint8 (bank, 28, 28); a layer's name: its pooled activations
+        self.units = {name: _unit(bank) for name, bank in banks.items()}
         self.detectors = {d.name: d for d in detectors}
         self.threshold = threshold
 
-    def distances(self, raw: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each detector's distance for uint8 images (N, 28, 28) and their pooled features."""
-        return {"pixels": kth_distance(raw.reshape(len(raw), -1), self.pixels, self.detectors["pixels"].k),
-                "features": kth_distance(features, self.features, self.detectors["features"].k)}
+    def distances(self, raw: torch.Tensor, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each detector's distance for uint8 images (N, 28, 28) and their pooled activations."""
+        inputs = features | {"pixels": raw}
+        return {name: kth_distance(inputs[name], self.units[name], d.k) for name, d in self.detectors.items()}
 
-    def score(self, raw: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def score(self, raw: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The out-of-distribution score (N,): higher is less like Fashion-MNIST; above
         `threshold` an image is flagged."""
         d = self.distances(raw, features)
-        scaled = [(d[name] - det.median) / det.scale for name, det in self.detectors.items()]
-        return torch.stack(scaled).amax(0)
+        return torch.stack([(d[name] - det.median) / det.scale for name, det in self.detectors.items()]).amax(0)
 
     @classmethod
-    def fit(cls, bank_raw: torch.Tensor, bank_features: torch.Tensor, val_raw: torch.Tensor,
-            val_features: torch.Tensor) -> OodDetector:
+    def fit(cls, bank_raw: torch.Tensor, bank_features: dict[str, torch.Tensor], val_raw: torch.Tensor,
+            val_features: dict[str, torch.Tensor]) -> OodDetector:
         n = len(bank_raw)
-        detectors = [Detector("pixels", min(K_PIXELS, n)), Detector("features", min(K_FEATURES, n))]
-        detector = cls(bank_raw, bank_features, detectors, threshold=0.0)
+        detectors = [Detector("pixels", min(K_PIXELS, n))] + [Detector(name, min(K_FEATURES, n)) for name in bank_features]
+        detector = cls(bank_features | {"pixels": bank_raw}, detectors, threshold=0.0)
         for name, d in detector.distances(val_raw, val_features).items():
             median = d.median().item()
             detector.detectors[name].median = median
@@ -206,7 +212,7 @@ class OodDetector:
                 "detectors": [d.to_json() for d in self.detectors.values()]}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"pixels": self.bank_pixels.contiguous(), "features": self.bank_features.half().contiguous()}
+        return {name: (bank if name == "pixels" else bank.half()).contiguous() for name, bank in self.banks.items()}
 
     @classmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], obj: Any, where: str) -> OodDetector:
@@ -214,15 +220,15 @@ class OodDetector:
             detectors = [Detector(d["name"], int(d["k"]), float(d["median"]), float(d["scale"]))
                          for d in obj["detectors"]]
             threshold = float(obj["threshold"])
-            names = sorted(d.name for d in detectors)
-            pixels, features = tensors["pixels"], tensors["features"].float()
+            banks = {d.name: tensors[d.name] if d.name == "pixels" else tensors[d.name].float() for d in detectors}
         except (KeyError, TypeError, ValueError) as e:
             raise FmnistError(f"{where}: malformed out-of-distribution calibration ({e})") from None
-        if names != ["features", "pixels"] or pixels.dtype != torch.uint8 or pixels.shape[1:] != (28, 28) \
-                or features.ndim != 2 or len(features) != len(pixels) \
+        pixels = banks.get("pixels")
+        if pixels is None or pixels.dtype != torch.uint8 or pixels.shape[1:] != (28, 28) \
+                or not all(len(bank) == len(pixels) and bank.ndim in (2, 3) for bank in banks.values()) \
                 or not all(0 < d.k <= len(pixels) and d.scale > 0 for d in detectors):
             raise FmnistError(f"{where}: malformed out-of-distribution calibration")
-        return cls(pixels, features, detectors, threshold)
+        return cls(banks, detectors, threshold)
 
 
 # ----------------------------------------------------------------------------- a run
