@@ -137,9 +137,10 @@ def plot_reliability(logits, labels, temperature: float, path: Path) -> None:
         width = 1 / len(bins["centers"])
         accuracy = [a if a is not None else 0 for a in bins["accuracy"]]
         ax.bar(bins["centers"], accuracy, width=width * 0.95, color="#4c72b0", label="accuracy in the bin")
-        gaps = [(c - a) if c is not None else 0 for c, a in zip(bins["confidence"], accuracy, strict=True)]
-        ax.bar(bins["centers"], gaps, bottom=accuracy, width=width * 0.95, color="#dd8452", alpha=0.5,
-               label="confidence - accuracy")
+        confidence = [c if c is not None else a for c, a in zip(bins["confidence"], accuracy, strict=True)]
+        ax.bar(bins["centers"], np.abs(np.subtract(confidence, accuracy)), bottom=np.minimum(confidence, accuracy),
+               width=width * 0.95, facecolor="none", edgecolor="#c44e52", hatch="///", linewidth=0.8,
+               label="gap to the mean confidence")
         ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle="--", label="perfect calibration")
         ece = expected_calibration_error(probabilities, labels)
         ax.set_title(f"{name}: ECE {ece:.2%}")
