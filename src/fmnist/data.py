@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fmnist import FmnistError
-from fmnist.io import atomic_open
+from fmnist.io import atomic_open, share_as_umask_allows
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -289,6 +289,7 @@ def _fetch(url: str, dest: Path, info: IdxFile, progress: bool) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
+        share_as_umask_allows(tmp)
         with os.fdopen(fd, "wb") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=30)
