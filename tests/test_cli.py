@@ -79,3 +79,18 @@ def test_models_lists_the_post_network(capsys):
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["post"]["parameters"] == 3_274_634
     assert 27e6 < rows["post"]["flops_per_image"] < 29e6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be > 0, got -1"),
+    (["--lr", "0"], "--lr must be > 0, got 0"),
+    (["--keep-prob", "1.5"], "--keep-prob must be in (0, 1], got 1.5"),
+    (["--keep-prob", "0"], "--keep-prob must be in (0, 1], got 0"),
+    (["--momentum", "-3"], "--momentum must be in [0, 1), got -3"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1"),
+])
+def test_out_of_range_values_are_one_line_naming_flag_and_range(tmp_path, flags, message):
+    result = fmnist_cli("train", *flags, "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr == f"fmnist: error: {message}\n" and result.stdout == ""
+    assert not (tmp_path / "run").exists()
