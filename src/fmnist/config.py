@@ -114,7 +114,7 @@ TRAIN_GROUPS = ("data", "model", "optimisation", "augmentation", "evaluation", "
 class TrainConfig:
     """What `fmnist train` does. The defaults are the post's recipe."""
 
-    preset: str | None = opt(None, "named recipe; --config and flags override its fields (`fmnist presets` lists them)",
+    preset: str | None = opt(None, "named recipe, listed by `fmnist presets`; --config and flags override its fields",
                              choices=tuple(PRESETS))
     model: str = opt("post", "network, a name from `fmnist models`", group="model")
     init: Init = opt("default", "initialisation: 'default' (PyTorch's) or 'normal' (every weight and bias ~ N(0, 1), the post's tf.random_normal)",
