@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,46 @@ def test_a_pipe_closed_early_ends_quietly(tiny_run, shared_synthetic_dir, tmp_pa
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert err == ""
+
+
+# ----------------------------------------------------------------------------- the README's `make run`
+
+
+def make_recipe(target: str, **variables: str) -> str:
+    """The shell lines of a Makefile target, its variables filled in."""
+    lines = (Path(__file__).resolve().parents[1] / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line[1:].lstrip("@"))
+    text = "\n".join(recipe)
+    for name, value in variables.items():
+        text = text.replace(f"$({name})", value)
+    return text
+
+
+@pytest.mark.parametrize("holds, commands", [
+    (None, ["train --out RUN", "evaluate --model RUN"]),
+    ("metrics.jsonl", ["train --resume RUN", "evaluate --model RUN"]),
+    ("model.json", ["evaluate --model RUN"]),
+])
+def test_make_run_never_removes_a_run_folder(tmp_path, holds, commands):
+    """`make run` trains a fresh folder, resumes an interrupted run, and evaluates a finished one
+    again; it deletes nothing (the fmnist it calls here only notes its arguments)."""
+    run = tmp_path / "runs" / "post"
+    run.mkdir(parents=True)
+    if holds:
+        (run / holds).write_text("{}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fmnist").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    (bin_dir / "fmnist").chmod(0o755)
+    recipe = make_recipe("run", RUN_DIR=str(run))
+    assert "rm " not in recipe
+    result = subprocess.run(["sh", "-ec", recipe], capture_output=True, text=True,
+                            env=os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [c.replace("RUN", str(run)) for c in commands]
+    assert (run / holds).exists() if holds else run.is_dir()

@@ -50,7 +50,7 @@ def test_train_plot_export_and_report_write_files_others_can_read(shared_synthet
     """Under umask 022 every file of the run, the plots, the ONNX file and the report is 0644."""
     data, run = shared_synthetic_dir, tmp_path / "run"
     commands = [f"train --data-dir {data} --steps 4 --batch-size 16 --val-size 32 --out {run} --quiet",
-                f"plot {run} --data-dir {data}",
+                f"plot --model {run} --data-dir {data}",
                 f"export --model {run} --out {tmp_path / 'model.onnx'}",
                 f"report --quick --quiet --data-dir {data} --out {tmp_path / 'ladder'}"]
     result = subprocess.run([sys.executable, "-c", COMMANDS, *commands], capture_output=True, text=True,

@@ -2,6 +2,10 @@
 
     fmnist --help
     fmnist train --help
+    fmnist presets
+
+Commands that use a trained model take it as `--model RUN_DIR` (default: the newest run under
+./runs, named on stderr). A mistake ends in one line and exit status 2.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The run's pictures, as PNG files in its folder: the post's cost curve and sample images,
 the confusion matrix, and misclassified test images.
 
-    fmnist plot runs/my-run
+    fmnist plot --model runs/my-run
 """
 
 from __future__ import annotations
