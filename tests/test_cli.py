@@ -185,8 +185,11 @@ def test_every_model_command_takes_model_and_defaults_to_the_newest_run(two_runs
     assert err == picked and out.splitlines()[0] == os.path.join(newest, "cost.png")
     assert main(["export", "--out", "no/such/folder/m.onnx"]) == 2  # picks the newest, then refuses the folder
     assert capsys.readouterr().err == picked + "fmnist: error: no/such/folder: no such folder\n"
-    assert main(["serve", "--port", "70000"]) == 2
-    assert capsys.readouterr().err == picked + "fmnist: error: --port must be in [0, 65535], got 70000\n"
+    assert main(["serve", "--host", "no-such-host.invalid"]) == 2  # picks the newest, then cannot bind
+    err = capsys.readouterr().err
+    assert err.startswith(picked + "fmnist: error: cannot serve on no-such-host.invalid:8000: unknown host")
+    assert main(["serve", "--port", "70000"]) == 2  # a bad flag is said before anything else
+    assert capsys.readouterr().err == "fmnist: error: --port must be in [0, 65535], got 70000\n"
 
 
 def test_the_positional_run_folder_still_works_with_a_deprecation_note(two_runs, shared_synthetic_dir, capsys):

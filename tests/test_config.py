@@ -53,7 +53,8 @@ def test_missing_and_unsupported_config(tmp_path):
 OUT_OF_RANGE = [
     (dict(lr=-1.0), "--lr must be > 0, got -1"),
     (dict(lr=0.0), "--lr must be > 0, got 0"),
-    (dict(lr=float("nan")), "--lr must be > 0, got nan"),
+    (dict(lr=float("nan")), "--lr must be a finite number > 0, got nan"),
+    (dict(epochs=float("inf")), "--epochs must be a finite number > 0, got inf"),
     (dict(keep_prob=0.0), r"--keep-prob must be in \(0, 1\], got 0"),
     (dict(keep_prob=1.5), r"--keep-prob must be in \(0, 1\], got 1.5"),
     (dict(momentum=-3.0), r"--momentum must be in \[0, 1\), got -3"),

@@ -275,7 +275,9 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from fmnist.serve import serve
 
-    serve(which_model(args), config_from_args(ServeConfig, args))
+    config = config_from_args(ServeConfig, args)
+    config.validate()  # a bad flag first, before a note about which model
+    serve(which_model(args), config)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -102,7 +103,8 @@ def check_ranges(config) -> None:
         allowed, value = f.metadata.get("within"), getattr(config, f.name)
         if allowed is not None and value is not None and value not in allowed:
             shown = _number(value) if isinstance(value, int | float) else repr(value)
-            raise FmnistError(f"{flag_name(f.name)} must be {allowed.describe()}, got {shown}")
+            finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+            raise FmnistError(f"{flag_name(f.name)} must be {finite}{allowed.describe()}, got {shown}")
 
 
 # Headings of `fmnist train --help`, in order; each field of TrainConfig names one as its group.

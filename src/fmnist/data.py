@@ -462,7 +462,7 @@ def load_splits(val_size: int, norm: Normalization, data_dir=None, device=None) 
     train_raw, train_labels = load_split("train", data_dir)
     test_raw, test_labels = load_split("test", data_dir)
     if not 0 <= val_size < len(train_raw):
-        raise FmnistError(f"--val-size must be in 0..{len(train_raw) - 1}, got {val_size}")
+        raise FmnistError(f"--val-size must be in [0, {len(train_raw) - 1}] (the training images less one), got {val_size}")
 
     def split(raw, labels) -> Split:
         return Split(to_tensor(raw, norm.mean, norm.std, device), torch.as_tensor(labels, device=device),
