@@ -175,7 +175,7 @@ def method_scores(predictor, images: np.ndarray) -> dict[str, np.ndarray]:
 def report(run: str, sets: dict[str, np.ndarray], val_images: np.ndarray, test_images: np.ndarray) -> None:
     predictor = load_model(run)
     if predictor.detector is None:
-        print(f"{run}: not calibrated; run `fmnist calibrate {run}` first\n")
+        print(f"{run}: not calibrated; run `fmnist calibrate --model {run}` first\n")
     val, test = method_scores(predictor, val_images), method_scores(predictor, test_images)
     outside = {name: method_scores(predictor, images) for name, images in sets.items()}
     acc = predictor.meta.test_accuracy

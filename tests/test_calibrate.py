@@ -116,7 +116,7 @@ def test_calibrate_command_refits_an_uncalibrated_run(calibrated_run, shared_syn
     old = load_model(run).predict(np.zeros((1, 28, 28), np.uint8))["predictions"][0]
     assert old["ood_score"] is None and old["in_distribution"] is None
 
-    result = fmnist_cli("calibrate", run, "--data-dir", shared_synthetic_dir)
+    result = fmnist_cli("calibrate", "--model", run, "--data-dir", shared_synthetic_dir)
     assert result.returncode == 0, result.stderr
     assert "temperature" in result.stdout and "threshold" in result.stdout
     refit, fitted = RunDir(run).read_meta().calibration, RunDir(calibrated_run).read_meta().calibration
@@ -132,7 +132,7 @@ def test_calibrate_refuses_a_run_without_validation_split(shared_synthetic_dir, 
     train(small_config(shared_synthetic_dir, out, val_size=0), progress=False, log=logs.append)
     assert any("not calibrated" in line for line in logs)
     assert RunDir(out).read_meta().calibration == {}
-    result = fmnist_cli("calibrate", out, "--data-dir", shared_synthetic_dir)
+    result = fmnist_cli("calibrate", "--model", out, "--data-dir", shared_synthetic_dir)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "validation split" in result.stderr
 
@@ -169,7 +169,7 @@ def test_evaluate_reports_calibration_and_draws_the_reliability_diagram(calibrat
     import shutil
 
     run = shutil.copytree(calibrated_run, tmp_path / "eval")
-    result = fmnist_cli("evaluate", run, "--json", "--data-dir", shared_synthetic_dir)
+    result = fmnist_cli("evaluate", "--model", run, "--json", "--data-dir", shared_synthetic_dir)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     for key in ("ece", "nll", "ece_uncalibrated", "nll_uncalibrated", "temperature"):

@@ -1,6 +1,6 @@
 """Probabilities that mean what they say, and a flag for inputs that are not like Fashion-MNIST.
 
-    fmnist calibrate runs/my-run          # for a run trained before this existed; training does it
+    fmnist calibrate --model runs/my-run  # for a run trained before this existed; training does it
 
 Two things are fitted after training, on data the weights never saw:
 
@@ -276,7 +276,7 @@ def load_detector(run: RunDir, meta: ModelMeta) -> OodDetector | None:
     try:
         tensors = safetensors_load(run.ood_path.read_bytes())
     except FileNotFoundError:
-        raise FmnistError(f"{run.ood_path}: not found; recalibrate with: fmnist calibrate {run}") from None
+        raise FmnistError(f"{run.ood_path}: not found; recalibrate with: fmnist calibrate --model {run}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise FmnistError(f"{run.ood_path}: not a valid safetensors file ({e})") from None
     return OodDetector.from_saved(tensors, meta.calibration["ood"], str(run.ood_path))

@@ -1,7 +1,7 @@
 """Accuracy, per-class accuracy and the confusion matrix of a trained model on the test set.
 
-    fmnist evaluate runs/my-run
-    fmnist evaluate runs/my-run --json
+    fmnist evaluate --model runs/my-run
+    fmnist evaluate --model runs/my-run --json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The run's pictures, as PNG files in its folder: the post's cost curve and sample images,
 the confusion matrix, and misclassified test images.
 
-    fmnist plot runs/my-run
+    fmnist plot --model runs/my-run
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from fmnist.data import load_split  # noqa: E402
 from fmnist.evaluate import evaluate, load_test_tensors  # noqa: E402
 from fmnist.io import atomic_open  # noqa: E402
 from fmnist.run import RunDir  # noqa: E402
+
+# Pixel 0 black, 255 white: Fashion-MNIST's own rendering (light objects on black), the input
+# the network sees.
+AS_THE_MODEL_SEES = "gray"
 
 
 def _save(fig, path: Path) -> None:
@@ -42,16 +46,18 @@ def plot_cost(steps, losses, lr: float, path: Path) -> None:
 
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, class_names, path: Path, per_class: int = 8) -> None:
-    """A grid of training examples: one row per class, in the post's 'Greys' colour map."""
+    """A grid of training examples, one row per class, light on black as the model sees them
+    (the post showed them dark on white, in the 'Greys' colour map)."""
     k = len(class_names)
-    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.9, k * 0.95))
+    # "compressed": the grid packed under its title, without matplotlib's default top margin
+    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.9, k * 0.95), layout="compressed")
     for c in range(k):
         idx = np.flatnonzero(labels == c)[:per_class]
         for j in range(per_class):
             ax = axes[c, j]
             ax.set_axis_off()
             if j < len(idx):
-                ax.imshow(images[idx[j]], cmap="Greys", vmin=0, vmax=255)
+                ax.imshow(images[idx[j]], cmap=AS_THE_MODEL_SEES, vmin=0, vmax=255)
         axes[c, 0].text(-4, 14, class_names[c], ha="right", va="center", fontsize=9)
     fig.suptitle("Fashion-MNIST training examples")
     _save(fig, path)
@@ -77,14 +83,16 @@ def plot_confusion(confusion, class_names, path: Path) -> None:
 
 
 def plot_misclassified(images, labels, predictions, class_names, path: Path, count: int = 36) -> None:
+    """The first misclassified test images with their true and predicted classes, light on
+    black as the model sees them."""
     wrong = np.flatnonzero(np.asarray(predictions) != np.asarray(labels))[:count]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False, layout="compressed")
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, i in zip(axes.flat, wrong, strict=False):
-        ax.imshow(images[i], cmap="Greys", vmin=0, vmax=255)
+        ax.imshow(images[i], cmap=AS_THE_MODEL_SEES, vmin=0, vmax=255)
         ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}", fontsize=7)
     fig.suptitle(f"Misclassified test images (first {len(wrong)})")
     _save(fig, path)

@@ -14,7 +14,7 @@ the Python API.
 Pictures are made to look like Fashion-MNIST images by `fmnist.images.prepare_image` first.
 Probabilities are tempered by the run's calibration, and every prediction says whether the image
 looks like Fashion-MNIST at all (`fmnist.calibrate`); for a run trained before calibration existed
-both come from `fmnist calibrate RUN_DIR`, and until then `ood_score` and `in_distribution` are None.
+both come from `fmnist calibrate --model RUN_DIR`, and until then `ood_score` and `in_distribution` are None.
 """
 
 from __future__ import annotations
@@ -115,13 +115,15 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> Predictor:
 def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 3,
                   save_input: str | os.PathLike | None = None) -> dict[str, Any]:
     """Predictions for image, .npy and IDX files, as `Predictor.predict` returns them plus the
-    model folder used; optionally writes the 28x28 inputs the model saw."""
+    model folder used; with `save_input`, writes the 28x28 image the model saw of each input as
+    a PNG into that folder and names it in the prediction's "input_file"."""
     if top_k < 1:
         raise FmnistError(f"--top-k must be at least 1, got {top_k}")
     predictor = load_model(run_dir)
     inputs = read_inputs(paths)
-    if save_input is not None:
-        save_inputs(save_input, inputs)
     batch = np.stack([image for _, image in inputs])
     result = predictor.predict(batch, top_k, names=[name for name, _ in inputs])
+    if save_input is not None:  # each prediction says where the image the model saw went
+        for entry, path in zip(result["predictions"], save_inputs(save_input, inputs), strict=True):
+            entry["input_file"] = str(path)
     return {"model": str(run_dir), **result}

@@ -350,6 +350,30 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server cannot listen on (a port in use, a host that is not this
+    machine's) in one line, before the model loads and uvicorn logs its start-up."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise FmnistError(f"cannot serve on {host}:{port}: unknown host ({e.strerror}); "
+                          "give --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    hints = {errno.EADDRINUSE: "; another program listens there: choose another --port",
+             errno.EACCES: "; ports below 1024 need privileges: choose another --port",
+             errno.EADDRNOTAVAIL: "; not an address of this machine: choose another --host"}
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = (e.strerror or str(e)).lower()
+            raise FmnistError(f"cannot serve on {host}:{port}: {reason}{hints.get(e.errno, '')}") from None
+
+
 def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None:
     """Load the run's model and serve it until interrupted."""
     config = config or ServeConfig()
@@ -361,6 +385,7 @@ def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None
     import torch
 
     config.validate()
+    check_address(config.host, config.port)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     predictor = load_model(run_dir)

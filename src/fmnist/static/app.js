@@ -32,6 +32,11 @@ function showPredictions(top) {
   }
 }
 
+// A file the browser cannot show (a rejected upload) hides the preview instead of a broken icon.
+for (const img of [$("preview"), $("model-input")]) {
+  img.addEventListener("error", () => img.removeAttribute("src"));
+}
+
 async function classify(blob, name) {
   $("preview").src = URL.createObjectURL(blob);
   setStatus(`Classifying ${name}...`);
