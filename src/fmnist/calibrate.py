@@ -30,10 +30,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from fmnist import FmnistError
+from fmnist.checkpoint import load_network
+from fmnist.config import TrainConfig
 from fmnist.data import Split, load_splits
+from fmnist.io import atomic_open
 from fmnist.run import ModelMeta, RunDir
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
@@ -256,10 +262,6 @@ def calibrate(model: nn.Module, meta: ModelMeta, train: Split, val: Split) -> tu
 
 def save_calibration(run: RunDir, meta: ModelMeta, entry: dict[str, Any], detector: OodDetector) -> None:
     """ood.safetensors, then model.json with its "calibration" entry."""
-    from safetensors.torch import save as safetensors_save
-
-    from fmnist.io import atomic_open
-
     with atomic_open(run.ood_path) as f:
         f.write(safetensors_save(detector.tensors()))
     meta.calibration = entry
@@ -268,9 +270,6 @@ def save_calibration(run: RunDir, meta: ModelMeta, entry: dict[str, Any], detect
 
 def load_detector(run: RunDir, meta: ModelMeta) -> OodDetector | None:
     """The out-of-distribution detector of a calibrated run; None for a run not calibrated."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as safetensors_load
-
     if "ood" not in meta.calibration:
         return None
     try:
@@ -284,9 +283,6 @@ def load_detector(run: RunDir, meta: ModelMeta) -> OodDetector | None:
 
 def calibrate_run(run_dir, data_dir=None, device="cpu") -> dict[str, Any]:
     """Calibrate a run folder's model in place (`fmnist calibrate`); its "calibration" entry."""
-    from fmnist.checkpoint import load_network
-    from fmnist.config import TrainConfig
-
     run = RunDir.existing(run_dir)
     model, meta = load_network(run, device)
     val_size = meta.config.get("val_size", TrainConfig.val_size)
