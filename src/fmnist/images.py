@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -638,8 +639,16 @@ def read_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, np.ndarra
     return inputs
 
 
+def input_stem(name: str) -> str:
+    """The PNG name (without .png) of an input: `shoe.jpg` -> `shoe`, image 1 of a batch,
+    `batch.npy[1]` -> `batch-1`."""
+    found = re.fullmatch(r"(.*)\[(\d+)\]", name)
+    return f"{Path(found[1]).stem}-{found[2]}" if found else Path(name).stem
+
+
 def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.ndarray]]) -> list[Path]:
-    """Write each 28x28 model input as a PNG named after its file; returns the paths."""
+    """Write each 28x28 model input as a PNG named after its input (`input_stem`; a name taken
+    twice gets -2, -3...); returns the paths."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -647,7 +656,7 @@ def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.nda
         raise FmnistError(f"{directory}: cannot create folder ({e.strerror})") from None
     written, used = [], set()
     for name, image in inputs:
-        stem = Path(name.replace("[", "-").rstrip("]")).stem if "[" in name else Path(name).stem
+        stem = input_stem(name)
         candidate, n = stem, 1
         while candidate in used:
             n += 1

@@ -103,8 +103,9 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    async def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Class probabilities of one prepared uint8 (28, 28) image."""
+    async def assess(self, image: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Class probabilities and out-of-distribution score (None for a run not calibrated) of
+        one prepared uint8 (28, 28) image."""
         if not self.running:
             raise HTTPError(503, "the model is not running", {"retry-after": RETRY_AFTER})
         if self.queue.qsize() >= self.max_waiting:
@@ -113,10 +114,13 @@ class Batcher:
         self.queue.put_nowait((image, future))
         return await future
 
-    async def run_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities of a batch, in the model's thread."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.predictor.probabilities, batch)
+    async def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities of one prepared uint8 (28, 28) image."""
+        return (await self.assess(image))[0]
+
+    async def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and out-of-distribution scores of a batch, in the model's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.predictor.assess, batch)
 
     async def _run(self) -> None:
         while True:
@@ -124,7 +128,7 @@ class Batcher:
             while len(items) < self.max_batch and not self.queue.empty():
                 items.append(self.queue.get_nowait())
             try:
-                rows = await self.run_batch(np.stack([image for image, _ in items]))
+                rows, scores = await self.run_batch(np.stack([image for image, _ in items]))
             except Exception as e:  # the model failing fails its requests, not the service
                 log.exception("model failed on a batch of %d", len(items))
                 for _, future in items:
@@ -133,9 +137,10 @@ class Batcher:
                 continue
             self.batches += 1
             self.images += len(items)
-            for (_, future), row in zip(items, rows, strict=True):
+            scores = [None] * len(items) if scores is None else scores
+            for (_, future), row, score in zip(items, rows, scores, strict=True):
                 if not future.done():  # its client may have gone
-                    future.set_result(row)
+                    future.set_result((row, score))
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -359,7 +364,10 @@ def upload_openapi(num_classes: int) -> dict:
              "model saw, as a PNG data URL (default false)", "schema": {"type": "boolean"}},
         ],
         "responses": {
-            "200": {"description": "the most probable classes, most probable first"},
+            "200": {"description": "the most probable classes, most probable first (probabilities "
+                    "tempered by the run's calibration); `ood_score` (higher: less like Fashion-MNIST) "
+                    "and `in_distribution` (false: this does not look like clothing), null for a run "
+                    "not calibrated"},
             "400": {"description": "empty, truncated or corrupt image, malformed upload"},
             "401": {"description": "no or a wrong API key, when the service has one"},
             "408": {"description": "the body was not sent within the body timeout"},
@@ -444,8 +452,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         # costs about a tenth of a request's CPU time. They are documented in upload_schema.
         top_k, want_input = query_options(request.query_params, len(predictor.class_names))
         prepared = await uploads.image(request)
-        row = await batcher.probabilities(prepared)
-        result: dict[str, Any] = {"top": predictor.top(row[None], top_k)[0]}
+        row, score = await batcher.assess(prepared)
+        scores = None if score is None else np.asarray([score])
+        result: dict[str, Any] = predictor.describe(row[None], scores, top_k)[0]
         if want_input:
             result["input"] = "data:image/png;base64," + base64.b64encode(input_png(prepared)).decode()
         return JSONResponse(result)
@@ -751,6 +760,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server cannot listen on (a port in use, a host that is not this
+    machine's) in one line, before the model loads and uvicorn logs its start-up."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise FmnistError(f"cannot serve on {host}:{port}: unknown host ({e.strerror}); "
+                          "give --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    hints = {errno.EADDRINUSE: "; another program listens there: choose another --port",
+             errno.EACCES: "; ports below 1024 need privileges: choose another --port",
+             errno.EADDRNOTAVAIL: "; not an address of this machine: choose another --host"}
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = (e.strerror or str(e)).lower()
+            raise FmnistError(f"cannot serve on {host}:{port}: {reason}{hints.get(e.errno, '')}") from None
+
+
 def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None:
     """Load the run's model and serve it until interrupted."""
     import copy
@@ -767,6 +800,7 @@ def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None
     if config.api_key is None and os.environ.get("FMNIST_API_KEY"):
         config = dataclasses.replace(config, api_key=os.environ["FMNIST_API_KEY"])
     config.validate()
+    check_address(config.host, config.port)
     if not is_loopback(config.host) and config.api_key is None:
         print(f"fmnist: warning: serving on {config.host} without an API key: anyone who can reach "
               "this address can use the service; set FMNIST_API_KEY (or --api-key), or put an "

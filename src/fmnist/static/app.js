@@ -32,6 +32,11 @@ function showPredictions(top) {
   }
 }
 
+// A file the browser cannot show (a rejected upload) hides the preview instead of a broken icon.
+for (const img of [$("preview"), $("model-input")]) {
+  img.addEventListener("error", () => img.removeAttribute("src"));
+}
+
 // A service started with an API key wants it on /v1/*: asked for once, kept for this tab.
 function authHeaders() {
   const key = sessionStorage.getItem("fmnist-api-key");
@@ -65,7 +70,13 @@ async function classify(blob, name) {
     }
     $("model-input").src = body.input;
     showPredictions(body.top);
-    setStatus(`${name}: ${body.top[0].label}`);
+    $("predictions").classList.toggle("doubtful", body.in_distribution === false);
+    if (body.in_distribution === false) {
+      setStatus(`${name} does not look like clothing (out-of-distribution score ${body.ood_score.toFixed(2)}): ` +
+                "the bars below are the model's guess all the same.", true);
+    } else {
+      setStatus(`${name}: ${body.top[0].label}`);
+    }
   } catch (err) {
     setStatus(`Cannot reach the service: ${err}`, true);
   }
