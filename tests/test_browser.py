@@ -21,11 +21,19 @@ CHROMIUM = os.environ.get("FMNIST_CHROMIUM", shutil.which("chromium") or "/usr/b
 
 
 @pytest.fixture(scope="module")
-def page(trained_run):
+def browser():
+    """One headless Chromium for the module's pages (Playwright's sync API runs one at a time)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with running_server(trained_run) as (host, port, _), sync_api.sync_playwright() as p:
+    with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, trained_run):
+    with running_server(trained_run) as (host, port, _):
         page = browser.new_page()
         external = []  # requests leaving the service: a CDN, fonts...
 
@@ -37,7 +45,7 @@ def page(trained_run):
         page.goto(f"http://{host}:{port}/")
         page.external_requests = external
         yield page
-        browser.close()
+        page.close()
 
 
 def confident_test_image(trained_run, data_dir) -> tuple[np.ndarray, str]:
@@ -109,12 +117,9 @@ def test_a_picture_that_is_not_clothing_is_called_so(page, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_page(tiny_run):
+def tiny_page(browser, tiny_run):
     """The page of a service of the tiny run, with every response that failed recorded."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with running_server(tiny_run) as (host, port, _), sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    with running_server(tiny_run) as (host, port, _):
         page = browser.new_page()
         failed = []
         page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
@@ -123,7 +128,7 @@ def tiny_page(tiny_run):
         page.wait_for_load_state("networkidle")
         page.failed = failed
         yield page
-        browser.close()
+        page.close()
 
 
 def test_page_has_its_own_icon_and_no_failed_request(tiny_page):
