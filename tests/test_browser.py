@@ -22,8 +22,7 @@ CHROMIUM = os.environ.get("FMNIST_CHROMIUM", shutil.which("chromium") or "/usr/b
 
 @pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the module's pages: Playwright's sync API runs one instance
-    per thread, so the page fixtures share it."""
+    """One headless Chromium for the module's pages (Playwright's sync API runs one at a time)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     with sync_api.sync_playwright() as p:
@@ -33,7 +32,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page(trained_run, browser):
+def page(browser, trained_run):
     with running_server(trained_run) as (host, port, _):
         page = browser.new_page()
         external = []  # requests leaving the service: a CDN, fonts...
@@ -118,7 +117,7 @@ def test_a_picture_that_is_not_clothing_is_called_so(page, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_page(tiny_run, browser):
+def tiny_page(browser, tiny_run):
     """The page of a service of the tiny run, with every response that failed recorded."""
     with running_server(tiny_run) as (host, port, _):
         page = browser.new_page()
