@@ -580,16 +580,26 @@ def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.nda
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FmnistError(f"{directory}: cannot create folder ({e.strerror})") from None
-    written, used = [], set()
-    for name, image in inputs:
-        stem = Path(name.replace("[", "-").rstrip("]")).stem if "[" in name else Path(name).stem
+    written = []
+    for stem, (_, image) in zip(file_stems([name for name, _ in inputs]), inputs, strict=True):
+        path = directory / f"{stem}.png"
+        with atomic_open(path) as f:
+            f.write(input_png(image))
+        written.append(path)
+    return written
+
+
+def file_stems(names: Sequence[str]) -> list[str]:
+    """A distinct file name stem per input name: "shoe.jpg" -> "shoe", "batch.npy[3]" ->
+    "batch-3"; a repeated stem gets "-2", "-3"..."""
+    stems, used = [], set()
+    for name in names:
+        base, bracket, index = name.partition("[")
+        stem = Path(base).stem + (f"-{index.rstrip(']')}" if bracket else "")
         candidate, n = stem, 1
         while candidate in used:
             n += 1
             candidate = f"{stem}-{n}"
         used.add(candidate)
-        path = directory / f"{candidate}.png"
-        with atomic_open(path) as f:
-            f.write(input_png(image))
-        written.append(path)
-    return written
+        stems.append(candidate)
+    return stems
