@@ -11,10 +11,19 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from fmnist import FmnistError, __version__
-from fmnist.config import ServeConfig, TrainConfig, choices, field_type, resolve, resolve_train
+from fmnist.config import (
+    Attribution,
+    Embedding,
+    ServeConfig,
+    TrainConfig,
+    choices,
+    field_type,
+    resolve,
+    resolve_train,
+)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -145,6 +154,26 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from fmnist.explain import explain_run
+
+    if args.model:  # `--model RUN_DIR`, as predict takes it: every positional is an image
+        run_dir, images = args.model, [args.run_dir] * (args.run_dir is not None) + args.images
+    elif args.run_dir:
+        run_dir, images = args.run_dir, args.images
+    else:
+        raise FmnistError("explain: give the run folder, RUN_DIR or --model RUN_DIR")
+    result = explain_run(run_dir, images, method=args.method, target=args.target, out=args.out,
+                         embedding=args.embedding, map_size=args.map_size, count=args.count,
+                         run_pictures=args.run_pictures, top_k=args.top_k, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for path in result.paths:
+        print(path)
+    return 0
+
+
 def cmd_export(args) -> int:
     from fmnist.export import export_onnx
 
@@ -244,6 +273,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model saw, per input, as PNG into DIR")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="attribution heatmaps and pictures of what a model learnt",
+                       description="For each image (pictures, .npy or IDX files; without any, 8 test "
+                       "images, half of them misclassified): the 28x28 input, an attribution heatmap "
+                       "for the predicted class over it and the top classes, as PNG. For the run: the "
+                       "first convolution's filters, one image's activations, a 2-D map of the test "
+                       "set's penultimate features, the most confused class pairs. Written into "
+                       "RUN_DIR/explain/ (or --out). Needs the explain extra.")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder written by `fmnist train`")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="picture, .npy or IDX file (default: test images)")
+    p.add_argument("--model", metavar="RUN_DIR", help="the run folder, as predict takes it (then every positional is an image)")
+    p.add_argument("--method", default="ig", choices=get_args(Attribution),
+                   help="ig: integrated gradients from the black image (default); gradcam: Grad-CAM on "
+                   "the last convolution; occlusion: a 3x3 black patch slid over the image")
+    p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
+    p.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/explain)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top classes, heatmaps, paths) instead of the paths")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--count", type=int, default=8, help="test images explained when no image is given (default: 8)")
+    p.add_argument("--run-pictures", action=argparse.BooleanOptionalAction, default=True,
+                   help="also draw the run's filters, activations, feature map and confused pairs (default: on)")
+    p.add_argument("--embedding", default="umap", choices=get_args(Embedding),
+                   help="the feature map's method: umap (umap-learn) or tsne (scikit-learn) (default: umap)")
+    p.add_argument("--map-size", type=int, default=3000, help="test images in the feature map (default: 3000)")
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a trained model to ONNX",
                        description="Write the model as ONNX: input float32 pixels 0..255 of shape "

@@ -19,6 +19,8 @@ Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "onecycle"]
 Precision = Literal["auto", "fp32", "bf16"]
 Init = Literal["default", "normal"]
+Attribution = Literal["ig", "gradcam", "occlusion"]  # fmnist explain --method
+Embedding = Literal["umap", "tsne"]  # fmnist explain --embedding
 
 # Decoded pixels of one image (after JPEG's draft scaling), checked from its header: <= 100 MB RGBA.
 MAX_PIXELS = 25_000_000
