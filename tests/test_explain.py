@@ -1,16 +1,19 @@
 """`fmnist explain` and `fmnist.explain`: attributions for every method, mirror-averaging models,
-the command's pictures and JSON, its one-line errors, and the
+the command's pictures and JSON, its one-line errors, POST /v1/explain over HTTP, and the
 faithfulness of the default method on a model trained on the real data."""
 
 from __future__ import annotations
 
+import base64
+import http.client
+import io
 import json
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import png, quiet, small_config, write_dataset
+from helpers import png, quiet, running_server, small_config, write_dataset
 from PIL import Image
 
 pytest.importorskip("captum")
@@ -224,6 +227,62 @@ def test_without_captum_one_line_names_the_extra(synthetic, monkeypatch, capsys)
     assert err == "fmnist: error: explanations need captum: pip install 'fmnist[explain]'\n"
     with pytest.raises(FmnistError, match="pip install 'fmnist.explain.'"):
         attribute(load_model(run), np.zeros((1, 28, 28), np.uint8))
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+BOUNDARY = "explainboundary"
+
+
+def post_image(address, data: bytes, path: str) -> tuple[int, dict]:
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+    connection = http.client.HTTPConnection(*address[:2], timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_service_explains_the_predicted_class(synthetic):
+    pytest.importorskip("fastapi")
+    data, run = synthetic
+    images, labels = first_test_images(data, 1)
+    with running_server(run) as server:
+        status, predicted = post_image(server, png(images[0]), "/v1/predict?top_k=2&input=true")
+        assert status == 200
+        status, explained = post_image(server, png(images[0]), "/v1/explain?top_k=2&input=true")
+        assert status == 200
+        status, refused = post_image(server, b"not a picture", "/v1/explain")
+        assert status == 415 and list(refused) == ["detail"]
+    explanation = explained.pop("explanation")
+    assert explained == predicted  # the same prediction object as /v1/predict
+    assert explanation["method"] == "ig" and explanation["target"] == CLASS_NAMES[labels[0]]
+    heatmap = np.asarray(explanation["heatmap"])
+    expected = attribute(load_model(run), [Image.open(io.BytesIO(png(images[0])))], "ig")[0]  # as uploaded
+    np.testing.assert_allclose(heatmap, expected, rtol=1e-3, atol=1e-6)
+    assert explanation["png"].startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(explanation["png"].split(",", 1)[1]))) as overlay:
+        assert overlay.size == (28, 28) and overlay.mode == "RGB"
+        red = np.asarray(overlay)[..., 0].astype(int) - np.asarray(overlay)[..., 2]
+    assert red[band(labels[0])].mean() > red[~band(labels[0])].mean() + 20  # the band lit up red
+
+
+def test_service_without_captum_answers_501(synthetic, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    data, run = synthetic
+    fake = tmp_path / "no-captum" / "captum"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named captum')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake.parent}:{':'.join(sys.path)}")
+    images, _ = first_test_images(data, 1)
+    with running_server(run) as server:
+        status, body = post_image(server, png(images[0]), "/v1/explain")
+        assert status == 501 and body == {"detail": "explanations need captum: pip install 'fmnist[explain]'"}
+        assert post_image(server, png(images[0]), "/v1/predict")[0] == 200
 
 
 # ----------------------------------------------------------------------------- faithfulness

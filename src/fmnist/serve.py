@@ -5,7 +5,8 @@
     curl -F file=@shoe.jpg http://127.0.0.1:8000/v1/predict
 
 Endpoints: POST /v1/predict (one image in the multipart field `file`; `?top_k=3`,
-`?input=true` adds the 28x28 image the model saw as a PNG data URL), GET /v1/classes,
+`?input=true` adds the 28x28 image the model saw as a PNG data URL), POST /v1/explain (the same
+upload; the prediction plus an attribution heatmap, with the `explain` extra), GET /v1/classes,
 GET /healthz, the OpenAPI page at /docs, the web page at /. Needs the `serve` extra.
 
 Requests that arrive together are run through the model as one batch: the model runs in its
@@ -27,6 +28,7 @@ import numpy as np
 
 from fmnist import FmnistError
 from fmnist.config import ServeConfig
+from fmnist.explain import attribute, check_captum, heatmap_json, overlay_png
 from fmnist.images import ImageError, input_png, load_pixels, open_image, prepare_image
 from fmnist.predict import Predictor, load_model
 
@@ -174,6 +176,20 @@ async def prepare_upload(data: bytes, filename: str, max_pixels: int, decoder: T
         raise HTTPError(e.status, str(e)) from None
 
 
+async def read_upload(request, config: ServeConfig, decoder: ThreadPoolExecutor,
+                      num_classes: int) -> tuple[np.ndarray, int, bool]:
+    """The prepared image of an upload to /v1/predict or /v1/explain, and its query options
+    (top_k, input)."""
+    # Query parameters parsed here rather than declared: FastAPI's dependency solving costs
+    # about a tenth of a request's CPU time. They are documented in upload_openapi.
+    top_k, want_input = query_options(request.query_params, num_classes)
+    body = await read_body(request.receive, config.max_upload_bytes)
+    if not body:
+        raise HTTPError(400, "empty request body: send the image as multipart field 'file'")
+    data, filename = multipart_file(body, request.headers.get("content-type", ""))
+    return await prepare_upload(data, filename, config.max_pixels, decoder), top_k, want_input
+
+
 def query_options(params, num_classes: int) -> tuple[int, bool]:
     """`top_k` (1..num_classes, default 3) and `input` (a boolean, default false)."""
     raw = params.get("top_k", "3")
@@ -183,6 +199,19 @@ def query_options(params, num_classes: int) -> tuple[int, bool]:
     if flag not in ("true", "1", "yes", "false", "0", "no"):
         raise HTTPError(422, f"input must be true or false, got {flag!r}")
     return int(raw), flag in ("true", "1", "yes")
+
+
+def explanation(predictor: Predictor, image: np.ndarray, target: int) -> dict[str, Any]:
+    """The integrated-gradients heatmap of a prepared image for class `target`: 28x28 numbers
+    and the overlay as a PNG data URL. Raises HTTPError 501 without captum."""
+    try:
+        check_captum()
+    except FmnistError as e:
+        raise HTTPError(501, str(e)) from None
+    heatmap = attribute(predictor, image[None], "ig", target=[target])[0]
+    png = base64.b64encode(overlay_png(image, heatmap)).decode()
+    return {"method": "ig", "target": predictor.class_names[target], "heatmap": heatmap_json(heatmap),
+            "png": "data:image/png;base64," + png}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -242,12 +271,17 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
     config = config or ServeConfig()
     batcher = Batcher(predictor, config.max_batch)
     decoder = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="fmnist-decode")
+    # Attributions (dozens of forward and backward passes each) run one at a time beside the
+    # batcher, so predictions never wait behind them.
+    explainer = ThreadPoolExecutor(1, thread_name_prefix="fmnist-explain")
 
     async def lifespan(app):
         batcher.start()
+        explainer.submit(check_captum)  # import captum (seconds) before the first request needs it
         yield
         await batcher.stop()
         decoder.shutdown(wait=False, cancel_futures=True)
+        explainer.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="fmnist",
@@ -274,21 +308,36 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         return error(500, "internal error")
 
     upload_schema = upload_openapi(len(predictor.class_names))
+    explain_schema = {**upload_schema, "responses": {
+        **upload_schema["responses"],
+        "200": {"description": "the prediction, as /v1/predict answers it, plus `explanation`: "
+                "method, target (the top class), heatmap (28x28 integrated gradients) and png "
+                "(the heatmap over the input, a PNG data URL)"},
+        "501": {"description": "the service runs without the explain extra (captum)"},
+    }}
 
-    @app.post("/v1/predict", openapi_extra=upload_schema)
-    async def predict(request: Request):
-        # Query parameters parsed here rather than declared: FastAPI's dependency solving
-        # costs about a tenth of a request's CPU time. They are documented in upload_schema.
-        top_k, want_input = query_options(request.query_params, len(predictor.class_names))
-        body = await read_body(request.receive, config.max_upload_bytes)
-        if not body:
-            raise HTTPError(400, "empty request body: send the image as multipart field 'file'")
-        data, filename = multipart_file(body, request.headers.get("content-type", ""))
-        prepared = await prepare_upload(data, filename, config.max_pixels, decoder)
+    async def upload(request: Request) -> tuple[np.ndarray, int, bool]:
+        return await read_upload(request, config, decoder, len(predictor.class_names))
+
+    async def prediction(prepared: np.ndarray, top_k: int, want_input: bool) -> dict[str, Any]:
         row = await batcher.probabilities(prepared)
         result: dict[str, Any] = {"top": predictor.top(row[None], top_k)[0]}
         if want_input:
             result["input"] = "data:image/png;base64," + base64.b64encode(input_png(prepared)).decode()
+        return result
+
+    @app.post("/v1/predict", openapi_extra=upload_schema)
+    async def predict(request: Request):
+        return JSONResponse(await prediction(*await upload(request)))
+
+    @app.post("/v1/explain", openapi_extra=explain_schema)
+    async def explain(request: Request):
+        """What the model looked at: the prediction plus a heatmap for its top class."""
+        prepared, top_k, want_input = await upload(request)
+        result = await prediction(prepared, top_k, want_input)
+        target = result["top"][0]["index"]
+        loop = asyncio.get_running_loop()
+        result["explanation"] = await loop.run_in_executor(explainer, explanation, predictor, prepared, target)
         return JSONResponse(result)
 
     @app.get("/v1/classes")
