@@ -269,7 +269,7 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray) -> bytes:
 
 def heatmap_json(heatmap: np.ndarray) -> list[list[float]]:
     """28 rows of 28 numbers, 4 significant digits."""
-    return [[float(f"{v:.4g}") for v in row] for row in heatmap.tolist()]
+    return [[float(f"{v:.4g}") + 0.0 for v in row] for row in heatmap.tolist()]  # + 0.0: no -0.0
 
 
 def plot_explanation(image: np.ndarray, heatmap: np.ndarray, top: list[dict[str, Any]], title: str,
