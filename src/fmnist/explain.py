@@ -47,8 +47,9 @@ from fmnist.run import RunDir  # noqa: E402
 METHODS: tuple[str, ...] = get_args(Attribution)
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
 IG_STEPS = 50  # integration steps from the black image: enough for the attributions to sum to the logit change
-IG_BATCH = 1024  # images per forward pass while integrating: bounds memory for large batches
+IG_BATCH = 256  # images per forward and backward pass while integrating: bounds memory (wide ResNets)
 OCCLUSION_WINDOW = 3  # pixels: a 3x3 patch set to the background, slid one pixel at a time
+OCCLUSION_BATCH = 8  # occluded copies of each image per forward pass (x ATTRIBUTE_CHUNK images)
 ATTRIBUTE_CHUNK = 64  # images attributed together
 REMOVED_FRACTION = 0.05  # of the 784 pixels, removed by the faithfulness check
 MAP_SIZE = 3000  # test images in the feature map: UMAP of 3,000 takes seconds, of 10,000 a minute
@@ -171,7 +172,7 @@ def attribute(predictor: Predictor, images, method: str = "ig", target=None) -> 
                 window = (1, OCCLUSION_WINDOW, OCCLUSION_WINDOW)
                 a = attr.Occlusion(scored_network(predictor)).attribute(
                     x, sliding_window_shapes=window, strides=(1, 1, 1), baselines=black, target=t,
-                    perturbations_per_eval=32)
+                    perturbations_per_eval=OCCLUSION_BATCH)
             else:
                 a = _gradcam(attr, predictor, x, t)
             maps.append(a.detach()[:, 0].float().numpy())
@@ -367,8 +368,11 @@ def embed(features: np.ndarray, embedding: str = "umap", seed: int = 0) -> np.nd
         reducer = _umap().UMAP(n_components=2, random_state=seed, n_jobs=1)
         return reducer.fit_transform(features)
     if embedding == "tsne":
-        from sklearn.decomposition import PCA
-        from sklearn.manifold import TSNE
+        try:
+            from sklearn.decomposition import PCA
+            from sklearn.manifold import TSNE
+        except ImportError:
+            raise FmnistError("the t-SNE map needs scikit-learn: pip install 'fmnist[explain]'") from None
 
         # t-SNE's neighbour search is the slow part: 50 principal components keep the
         # structure (scikit-learn's advice) and halve the time.
