@@ -3,10 +3,15 @@
 #   make test   installs everything and runs the whole test suite (CI's gate)
 #   make check  ruff and the fast tests: no real data, no trained model, a few minutes
 # Installs are skipped when there is nothing to do (the stamp is newer than pyproject.toml).
+# Run folders are never overwritten: `make run` trains RUN_DIR once, resumes it when interrupted,
+# and afterwards evaluates the finished run again (make run RUN_DIR=runs/post-2 trains another).
 
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RUN_DIR ?= runs/post
+# Where pip finds torch when it is missing: empty for your default index (the CPU build only where
+# that index serves it); https://download.pytorch.org/whl/cpu for PyTorch's own CPU wheels.
+TORCH_INDEX ?=
 
 STAMP = build/.installed
 
@@ -21,15 +26,20 @@ data:  ## Fashion-MNIST from Debian, into /usr/share/datasets/fashion-mnist
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml  ## the CPU build of torch first, so nothing pulls a multi-GB CUDA build
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+$(STAMP): pyproject.toml  ## torch first (from TORCH_INDEX when given), then fmnist and its extras
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev]'
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 run: install
-	rm -rf $(RUN_DIR)
-	fmnist train --out $(RUN_DIR)
-	fmnist evaluate $(RUN_DIR)
+	@if [ -f $(RUN_DIR)/model.json ]; then \
+		echo "$(RUN_DIR) holds a finished run: evaluating it (make run RUN_DIR=runs/other trains a new one)"; \
+	elif [ -f $(RUN_DIR)/metrics.jsonl ] || [ -f $(RUN_DIR)/last.pt ]; then \
+		echo "$(RUN_DIR) holds an unfinished run: resuming it"; fmnist train --resume $(RUN_DIR); \
+	else \
+		fmnist train --out $(RUN_DIR); \
+	fi
+	fmnist evaluate --model $(RUN_DIR)
 
 test: install
 	$(PYTHON) -m pytest

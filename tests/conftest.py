@@ -10,7 +10,7 @@ it), so that the fast tier runs without them:
 from __future__ import annotations
 
 import pytest
-from helpers import write_dataset
+from helpers import quiet, small_config, write_dataset
 
 from fmnist.config import TrainConfig
 from fmnist.data import find_data_dir
@@ -60,3 +60,15 @@ def synthetic_dir(tmp_path):
 def shared_synthetic_dir(tmp_path_factory):
     """The same small synthetic dataset for every test of the session: read it, never change it."""
     return write_dataset(tmp_path_factory.mktemp("data") / "fashion")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shared_synthetic_dir):
+    """A run folder under runs/ of a temporary folder, trained for a few steps on the shared
+    synthetic dataset, for commands that need a model but not a good one: read it, never
+    change it (copy it first)."""
+    from fmnist.train import train
+
+    out = tmp_path_factory.mktemp("cwd") / "runs" / "tiny"
+    train(small_config(shared_synthetic_dir, out, steps=4), progress=False, log=quiet)
+    return out

@@ -63,10 +63,11 @@ def quiet(*_) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def fmnist_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    """`python -m fmnist ARGS` in its own process; its exit status and output."""
+def fmnist_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """`python -m fmnist ARGS` in its own process (in `env`, when given); its exit status and
+    output."""
     return subprocess.run([sys.executable, "-m", "fmnist", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 def as_flags(values: dict) -> list[str]:

@@ -73,7 +73,7 @@ def test_augment_runs_photo_from_the_config():
 def test_photo_flag_is_validated():
     from fmnist import FmnistError
 
-    with pytest.raises(FmnistError, match="--photo must lie in"):
+    with pytest.raises(FmnistError, match=r"--photo must be in \[0, 1\], got 1.5"):
         TrainConfig(photo=1.5).validate()
     TrainConfig(photo=1.0).validate()
     assert math.isclose(TrainConfig().photo, 0.0)

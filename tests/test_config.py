@@ -47,3 +47,67 @@ def test_missing_and_unsupported_config(tmp_path):
     (tmp_path / "c.ini").write_text("x")
     with pytest.raises(FmnistError, match="must be .toml, .yaml"):
         resolve(TrainConfig, tmp_path / "c.ini")
+
+
+# Every value a number flag refuses, with the line that says so: the flag and the allowed range.
+OUT_OF_RANGE = [
+    (dict(lr=-1.0), "--lr must be > 0, got -1"),
+    (dict(lr=0.0), "--lr must be > 0, got 0"),
+    (dict(lr=float("nan")), "--lr must be a finite number > 0, got nan"),
+    (dict(epochs=float("inf")), "--epochs must be a finite number > 0, got inf"),
+    (dict(keep_prob=0.0), r"--keep-prob must be in \(0, 1\], got 0"),
+    (dict(keep_prob=1.5), r"--keep-prob must be in \(0, 1\], got 1.5"),
+    (dict(momentum=-3.0), r"--momentum must be in \[0, 1\), got -3"),
+    (dict(weight_decay=-1.0), "--weight-decay must be >= 0, got -1"),
+    (dict(steps=0), "--steps must be >= 1, got 0"),
+    (dict(epochs=0.0), "--epochs must be > 0, got 0"),
+    (dict(batch_size=0), "--batch-size must be >= 1, got 0"),
+    (dict(warmup=1.0), r"--warmup must be in \[0, 1\), got 1"),
+    (dict(label_smoothing=-0.1), r"--label-smoothing must be in \[0, 1\), got -0.1"),
+    (dict(ema=1.0), r"--ema must be in \[0, 1\), got 1"),
+    (dict(erase=2.0), r"--erase must be in \[0, 1\], got 2"),
+    (dict(translate=28), r"--translate must be in \[0, 27\], got 28"),
+    (dict(grad_clip=-1.0), "--grad-clip must be >= 0, got -1"),
+    (dict(seed=-1), r"--seed must be in \[0, 4294967295\], got -1"),
+    (dict(val_size=-1), "--val-size must be >= 0, got -1"),
+    (dict(log_every=0), "--log-every must be >= 1, got 0"),
+    (dict(eval_every=-5), "--eval-every must be >= 0, got -5"),
+    (dict(threads=-1), "--threads must be >= 0, got -1"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0, got -1"),
+    (dict(nproc=0), "--nproc must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("values,message", OUT_OF_RANGE, ids=[next(iter(v)) + "=" + str(next(iter(v.values())))
+                                                             for v, _ in OUT_OF_RANGE])
+def test_numbers_outside_their_range_are_refused_naming_flag_and_range(values, message):
+    with pytest.raises(FmnistError, match=f"^{message}$"):
+        TrainConfig(**values).validate()
+
+
+def test_edges_of_the_ranges_are_accepted():
+    TrainConfig(keep_prob=1.0, momentum=0.0, weight_decay=0.0, warmup=0.0, erase=1.0, translate=27,
+                seed=4294967295, val_size=0, threads=0, checkpoint_every=0, lr=1e-9, epochs=0.01).validate()
+
+
+def test_serve_config_ranges_and_choices():
+    from fmnist.config import ServeConfig
+
+    ServeConfig(port=0, threads=0).validate()
+    for values, message in [(dict(port=70000), r"--port must be in \[0, 65535\], got 70000"),
+                            (dict(max_batch=0), "--max-batch must be >= 1, got 0"),
+                            (dict(log_level="loud"), "unknown log level 'loud'; choose from: critical")]:
+        with pytest.raises(FmnistError, match=message):
+            ServeConfig(**values).validate()
+
+
+def test_every_number_field_declares_its_range():
+    """So that no new numeric flag slips in unchecked."""
+    from dataclasses import fields
+
+    from fmnist.config import ServeConfig, field_type
+
+    for cls in (TrainConfig, ServeConfig):
+        for f in fields(cls):
+            if field_type(cls, f.name)[0] in (int, float):
+                assert f.metadata["within"] is not None, f"{cls.__name__}.{f.name} has no `within=` range"

@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import http.server
+import os
 import shutil
 import struct
 import threading
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_dataset
+from helpers import fmnist_cli, write_dataset
 
 from fmnist import data
 from fmnist.cli import main
@@ -218,6 +219,45 @@ def test_download_cli_unreachable_mirror_is_one_line(tmp_path, capsys, mirror):
     assert code == 2
     assert err.startswith("fmnist: error: cannot download http://127.0.0.1:9/")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_download_says_where_the_data_already_is_and_fetches_nothing(tmp_path, mirror, monkeypatch, capsys):
+    """Offline, with the data found where fmnist looks: its files are checked, nothing fetched."""
+    root, _ = mirror
+    monkeypatch.setenv("FMNIST_DATA", str(root))
+    monkeypatch.chdir(tmp_path)
+    assert main(["download", "--mirror", "http://127.0.0.1:9/", "--quiet"]) == 0
+    assert capsys.readouterr().out == f"Fashion-MNIST is already present in {root} (checked); nothing to download\n"
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x01\x05"))
+    assert main(["download", "--mirror", "http://127.0.0.1:9/", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "t10k-labels-idx1-ubyte.gz: expected" in err and "fmnist finds this copy first" in err
+
+
+def offline_env(tmp_path, **extra) -> dict:
+    """An environment whose mirror is unreachable and whose user cache is empty."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FMNIST_DATA", "FMNIST_MIRROR")}
+    return env | {"FMNIST_MIRROR": "http://127.0.0.1:9/", "XDG_CACHE_HOME": str(tmp_path / "cache")} | extra
+
+
+def test_train_with_an_empty_data_dir_says_what_is_missing_and_what_to_do(tmp_path, shared_synthetic_dir):
+    empty, missing = tmp_path / "empty", tmp_path / "missing"
+    empty.mkdir()
+    env = offline_env(tmp_path, FMNIST_DATA=str(shared_synthetic_dir))
+    for folder, problem in ((empty, "no Fashion-MNIST files there"), (missing, "no such folder")):
+        result = fmnist_cli("train", "--data-dir", folder, "--out", tmp_path / "run", cwd=tmp_path, env=env)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"fmnist: error: {folder}: {problem}, and downloading them failed "
+                                        "(cannot download http://127.0.0.1:9/train-images-idx3-ubyte.gz")
+        assert "copy the four IDX files (train-images-idx3-ubyte.gz, " in result.stderr
+        assert result.stderr.endswith(f"or leave out --data-dir to use the copy in {shared_synthetic_dir}\n")
+    assert not missing.exists() and list(empty.iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_download_command_with_the_real_data_installed_offline(data_dir, tmp_path):
+    result = fmnist_cli("download", cwd=tmp_path, env=offline_env(tmp_path))
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == f"Fashion-MNIST is already present in {data_dir} (checked); nothing to download\n"
 
 
 def test_real_dataset_payload_matches_known_hashes(data_dir):

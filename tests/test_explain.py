@@ -8,6 +8,7 @@ import base64
 import http.client
 import io
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -173,9 +174,7 @@ def test_explain_command_json_for_files_and_default_folder(synthetic, tmp_path, 
     (tmp_path / "item.png").write_bytes(png(images[0]))
     np.save(tmp_path / "batch.npy", images[1:])
     run_copy = tmp_path / "run"
-    for name in ("model.json", "model.safetensors"):
-        (run_copy / name).parent.mkdir(exist_ok=True)
-        (run_copy / name).write_bytes((run / name).read_bytes())
+    shutil.copytree(run, run_copy)
     code, stdout, err = run_cli(capsys, "explain", "--model", run_copy, tmp_path / "item.png", tmp_path / "batch.npy",
                                 "--method", "gradcam", "--target", "Dress", "--top-k", 2, "--json", "--no-run-pictures")
     assert code == 0, err
@@ -208,14 +207,28 @@ def test_explain_command_bad_input_is_one_line(synthetic, tmp_path, capsys, argv
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_explain_command_refuses_an_unknown_method_and_a_missing_run(tmp_path, capsys):
+def test_explain_command_refuses_an_unknown_method_and_a_missing_run(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["explain", str(tmp_path), "--method", "lime"])
-    assert exit_info.value.code == 2 and "invalid choice: 'lime'" in capsys.readouterr().err
-    code, _, err = run_cli(capsys, "explain", tmp_path / "nothing")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice: 'lime'" in err and len(err.splitlines()) == 1
+    code, _, err = run_cli(capsys, "explain", "--model", tmp_path / "nothing")
     assert code == 2 and err == f"fmnist: error: {tmp_path / 'nothing'}: no such run folder\n"
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "explain")
-    assert code == 2 and "give the run folder" in err
+    assert code == 2 and "no trained model under runs/" in err and len(err.splitlines()) == 1
+
+
+def test_explain_command_takes_the_newest_run_and_says_so(synthetic, tmp_path, capsys, monkeypatch):
+    data, run = synthetic
+    newest = tmp_path / "runs" / "newest"
+    shutil.copytree(run, newest)
+    (tmp_path / "item.png").write_bytes(png(first_test_images(data, 1)[0][0]))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "explain", "item.png", "--no-run-pictures")
+    assert code == 0, err
+    assert out.split() == [str(RunDir(newest).explain_dir.relative_to(tmp_path) / "item-ig.png")]
+    assert "using runs/newest" in err
 
 
 def test_without_captum_one_line_names_the_extra(synthetic, monkeypatch, capsys):

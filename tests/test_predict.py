@@ -207,10 +207,13 @@ def test_predict_command_uses_latest_run_and_says_so(trained_run, data_dir, tmp_
     images, _ = load_split("test", data_dir)
     Image.fromarray(images[0]).save(tmp_path / "x.png")
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run_cli(capsys, "predict", "x.png", "--top-k", 1)
+    code, out, err = run_cli(capsys, "predict", "x.png", "--top-k", 1)
     assert code == 0
-    assert out.splitlines()[0] == f"model: {os.path.join('runs', 'newer')} (the most recent run under ./runs)"
-    assert out.splitlines()[1] == "x.png" and out.count("%") == 1
+    newer = os.path.join("runs", "newer")
+    described = f"post, test accuracy {RunDir(newer).read_meta().test_accuracy:.2%}"
+    assert err == f"fmnist: using {newer}, the most recent run under ./runs ({described}); choose another with --model RUN_DIR\n"
+    assert out.splitlines()[0] == f"model: {newer} ({described})"
+    assert out.splitlines()[1] == "x.png" and out.count("%") == 2
 
 
 @pytest.mark.parametrize("content, message", [
@@ -237,3 +240,24 @@ def test_predict_command_without_any_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "predict", "x.png")
     assert code == 2 and "no trained model under runs/" in err
+
+
+def test_save_input_names_batch_images_by_index_and_says_where(tiny_run, tmp_path, capsys):
+    """batch.npy[1] is seen/batch-1.png; the table and the JSON say where each input went."""
+    np.save(tmp_path / "batch.npy", np.random.default_rng(0).integers(0, 255, (3, 28, 28), dtype=np.uint8))
+    shoe = np.zeros((28, 28), np.uint8)
+    shoe[14:22, 4:24] = 220  # a light object on black
+    Image.fromarray(shoe).save(tmp_path / "shoe.png")
+    seen = tmp_path / "seen"
+    code, out, err = run_cli(capsys, "predict", "--model", tiny_run, tmp_path / "batch.npy", tmp_path / "shoe.png",
+                             "--save-input", seen)
+    assert code == 0, err
+    expected = [seen / "batch-0.png", seen / "batch-1.png", seen / "batch-2.png", seen / "shoe.png"]
+    assert sorted(seen.iterdir()) == sorted(expected)
+    for path in expected:
+        assert f"  (the model saw {path})" in out.splitlines()
+    code, out, _ = run_cli(capsys, "predict", "--model", tiny_run, tmp_path / "batch.npy", "--json",
+                           "--save-input", seen)
+    entries = json.loads(out)["predictions"]
+    assert [e["input_file"] for e in entries] == [str(p) for p in expected[:3]]
+    assert np.array_equal(np.asarray(Image.open(expected[1])), np.load(tmp_path / "batch.npy")[1])

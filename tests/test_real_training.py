@@ -14,7 +14,7 @@ def train_and_read_accuracy(tmp_path, capsys, *flags) -> float:
     run = RunDir(tmp_path / "run")
     assert main(["train", "--out", str(run), "--quiet", *flags]) == 0
     capsys.readouterr()
-    assert main(["evaluate", str(run), "--json"]) == 0
+    assert main(["evaluate", "--model", str(run), "--json"]) == 0
     accuracy = json.loads(capsys.readouterr().out)["accuracy"]
     assert run.read_meta().test_accuracy == pytest.approx(accuracy)
     for plot in ("cost.png", "samples.png", "confusion_matrix.png", "misclassified.png"):

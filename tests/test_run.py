@@ -91,7 +91,7 @@ def test_billions_of_parameters_are_refused_before_allocation(tmp_path):
     run = write_run(tmp_path, meta, weights=False)
     # VmHWM: the peak of this process's own memory since exec (ru_maxrss can carry a forking
     # parent's size across exec).
-    code = ("import re, sys\nfrom fmnist.cli import main\nstatus = main(['evaluate', sys.argv[1]])\n"
+    code = ("import re, sys\nfrom fmnist.cli import main\nstatus = main(['evaluate', '--model', sys.argv[1]])\n"
             "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\nsys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code, str(run.path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

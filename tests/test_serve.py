@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import bomb_png, get, png, running_server
+from helpers import bomb_png, fmnist_cli, get, png, running_server
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -261,3 +261,17 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("fmnist: error: ")
+
+
+def test_a_port_in_use_is_one_line_before_any_start_up_log(tiny_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = fmnist_cli("serve", "--model", tiny_run, "--port", port)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"fmnist: error: cannot serve on 127.0.0.1:{port}: address already in use; "
+                             "another program listens there: choose another --port\n")
+    result = fmnist_cli("serve", "--model", tiny_run, "--host", "no-such-host.invalid")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "cannot serve on no-such-host.invalid:8000: unknown host" in result.stderr

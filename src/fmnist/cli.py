@@ -2,49 +2,160 @@
 
     fmnist --help
     fmnist train --help
+    fmnist presets
+
+Commands that use a trained model take it as `--model RUN_DIR` (default: the newest run under
+./runs, named on stderr). A mistake ends in one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
+import re
 import sys
 from typing import Any, get_args
 
 from fmnist import FmnistError, __version__
 from fmnist.config import (
+    TRAIN_GROUPS,
     Attribution,
     Embedding,
+    Precision,
     ServeConfig,
     TrainConfig,
     choices,
     field_type,
+    flag_name,
     resolve,
     resolve_train,
 )
 
+# ----------------------------------------------------------------------------- the parser
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field (`batch_size` -> `--batch-size`), its help, type and choices
-    from the field. Every default is None, so only the flags a user gives override the config
-    file (or the saved config of a resumed run)."""
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes end in one line: the problem, the nearest flag, command or
+    value when there is one, and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {with_suggestion(message)} (see `{self.prog} --help`)\n")
+
+    def unrecognized(self, extras: list[str]):
+        """Refuse arguments this (sub)command does not take, suggesting the nearest flag."""
+        first = extras[0]
+        if not first.startswith("-"):
+            self.error(f"unrecognized argument {first!r}")
+        flag = first.split("=", 1)[0]
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        self.error(f"unrecognized argument {flag}{did_you_mean(flag, flags)}")
+
+
+def did_you_mean(word: str, candidates, quote: str = "") -> str:
+    """'; did you mean --steps?' for the candidate nearest to a mistyped word, or ''."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {quote}{match[0]}{quote}?" if match else ""
+
+
+def with_suggestion(message: str) -> str:
+    """argparse's 'invalid choice' message with the nearest valid choice suggested."""
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if not found:
+        return message
+    suggestion = did_you_mean(found[1], re.findall(r"'([^']*)'", found[2]), quote="'")
+    if message.startswith("argument COMMAND:"):
+        return f"unknown command {found[1]!r}{suggestion or '; the commands: ' + found[2]}"
+    return message + suggestion
+
+
+def help_with_default(f: dataclasses.Field, allowed: tuple[str, ...] | None) -> str:
+    """A field's help, then its allowed values and its default, each said once: a help text
+    that already names its default keeps it, a default of None is not shown."""
+    notes = []
+    if allowed:
+        notes.append("one of: " + ", ".join(allowed))
+    if f.metadata.get("within") is not None:
+        notes.append(f.metadata["within"].describe())
+    text = f.metadata.get("help", "")
+    if f.default is not None and "(default" not in text:
+        default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        notes.append(f"default: {default}")
+    return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+# What a str field's flag takes, where its upper-cased name would not say it.
+METAVARS = {"model": "NAME", "data_dir": "DIR", "out": "DIR", "resume": "RUN_DIR"}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, groups: tuple[str, ...] = ()) -> dict:
+    """One flag per config field (`batch_size` -> `--batch-size`), its help, type, choices and
+    range from the field, under the heading its field names (`groups`, in order; others stay
+    in the general options). Every default is None, so only the flags a user gives override
+    the config file (or the saved config of a resumed run). Returns the headings' groups."""
+    headings = {name: parser.add_argument_group(name) for name in groups}
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        target = headings.get(f.metadata.get("group"), parser)
         kind, _ = field_type(cls, f.name)
+        allowed = choices(cls, f.name)
+        help_text = help_with_default(f, allowed)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            target.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            allowed = choices(cls, f.name)
-            parser.add_argument(flag, type=kind, default=None, help=help_text, choices=allowed,
-                                metavar=None if allowed else f.name.upper())
+            metavar = "NAME" if allowed else METAVARS.get(f.name) or {int: "N", float: "X"}.get(kind, f.name.upper())
+            target.add_argument(flag_name(f.name), type=kind, default=None, help=help_text, choices=allowed,
+                                metavar=metavar)
+    return headings
 
 
 def config_from_args(cls, args: argparse.Namespace, file=None):
     """The config of `cls` from its defaults, a config file and the flags given."""
     return resolve(cls, file, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# ----------------------------------------------------------------------------- which model
+
+NEWEST = "the most recent run under ./runs"
+
+
+def add_model_arg(parser: argparse.ArgumentParser, positional_too: bool = False) -> None:
+    """`--model RUN_DIR`, the one way every command names the trained model it uses, defaulting
+    to the newest run; `positional_too` keeps the older `fmnist evaluate RUN_DIR` working."""
+    parser.add_argument("--model", metavar="RUN_DIR", help=f"run folder of the trained model (default: {NEWEST})")
+    if positional_too:
+        parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help=argparse.SUPPRESS)
+
+
+def which_model(args: argparse.Namespace) -> str:
+    """The run folder a command uses: --model, the deprecated positional RUN_DIR (with a note),
+    or the newest run under ./runs, saying which it picked and how good it is."""
+    from fmnist.run import RunDir
+
+    legacy = getattr(args, "run_dir", None)
+    if legacy is not None:
+        if args.model is not None and args.model != legacy:
+            raise FmnistError(f"two models given, {legacy} and --model {args.model}; give one")
+        note(f"`fmnist {args.command} RUN_DIR` is deprecated; write `fmnist {args.command} --model {legacy}`")
+        return legacy
+    if args.model is not None:
+        return args.model
+    run = RunDir.latest("runs")
+    note(f"using {run}, {NEWEST} ({describe_model(run)}); choose another with --model RUN_DIR")
+    return str(run.path)
+
+
+def describe_model(run) -> str:
+    """'post, test accuracy 88.52%': the network and its figure, from model.json."""
+    meta = run.read_meta()
+    accuracy = meta.test_accuracy
+    return meta.model + (f", test accuracy {accuracy:.2%}" if accuracy is not None else "")
+
+
+def note(message: str) -> None:
+    """A line for the user on stderr, apart from the output a pipe or --json reader takes."""
+    print(f"fmnist: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -73,7 +184,12 @@ def format_evaluation(result) -> str:
     """The evaluation as a table: accuracy, per-class accuracy, confusion matrix."""
     names = list(result.per_class)
     width = max(len(n) for n in names)
-    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}", ""]
+    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}"]
+    c = result.calibration
+    if c:
+        lines.append(f"calibration   ECE {c['ece']:.2%}   NLL {c['nll']:.4f}   (temperature {c['temperature']:.3f}; "
+                     f"without it ECE {c['ece_uncalibrated']:.2%}, NLL {c['nll_uncalibrated']:.4f})")
+    lines.append("")
     lines.append(f"{'class':<{width}}  accuracy")
     for name, acc in result.per_class.items():
         lines.append(f"{name:<{width}}  {acc:8.4f}")
@@ -88,18 +204,38 @@ def format_evaluation(result) -> str:
 def cmd_evaluate(args) -> int:
     from fmnist.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data_dir, args.device, args.precision)
+    run_dir = which_model(args)
+    result = evaluate_run(run_dir, args.data_dir, args.device, args.precision)
+    reliability = write_reliability(run_dir, result)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(format_evaluation(result))
+        if reliability:
+            print(f"\nreliability diagram written to {reliability}")
     return 0
+
+
+def write_reliability(run_dir, result):
+    """The reliability diagram of an evaluation into the run folder; its path (None when the
+    folder cannot take it)."""
+    from fmnist.plots import plot_reliability
+    from fmnist.run import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        plot_reliability(result.logits, result.labels, result.calibration.get("temperature", 1.0),
+                         run.reliability_path)
+    except OSError as e:
+        print(f"fmnist: warning: no reliability diagram: {run.reliability_path}: {e.strerror}", file=sys.stderr)
+        return None
+    return run.reliability_path
 
 
 def cmd_plot(args) -> int:
     from fmnist.plots import plot_run
 
-    for path in plot_run(args.run_dir, args.data_dir):
+    for path in plot_run(which_model(args), args.data_dir):
         print(path)
     return 0
 
@@ -128,10 +264,17 @@ def cmd_models(args) -> int:
 
 
 def format_predictions(result: dict[str, Any]) -> str:
-    """A small table per image: rank, class, probability and a bar."""
+    """A small table per image: rank, class, probability and a bar; a plain warning for an
+    image that does not look like Fashion-MNIST (and where the 28x28 image the model saw was
+    written, with --save-input)."""
     lines = []
     for entry in result["predictions"]:
         lines.append(entry["file"] or "<image>")
+        if entry.get("input_file"):
+            lines.append(f"  (the model saw {entry['input_file']})")
+        if entry.get("in_distribution") is False:
+            lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}); "
+                         "the classes below are the model's guess all the same")
         width = max(len(t["label"]) for t in entry["top"])
         for rank, t in enumerate(entry["top"], 1):
             bar = "#" * round(20 * t["probability"])
@@ -143,13 +286,12 @@ def cmd_predict(args) -> int:
     from fmnist.predict import predict_files
     from fmnist.run import RunDir
 
-    run_dir = args.model or RunDir.latest("runs").path
+    run_dir = which_model(args)
     result = predict_files(run_dir, args.images, top_k=args.top_k, save_input=args.save_input)
     if args.json:
         print(json.dumps(result))
         return 0
-    note = "" if args.model else " (the most recent run under ./runs)"
-    print(f"model: {run_dir}{note}")
+    print(f"model: {run_dir} ({describe_model(RunDir(run_dir))})")
     print(format_predictions(result))
     return 0
 
@@ -157,12 +299,13 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from fmnist.explain import explain_run
 
-    if args.model:  # `--model RUN_DIR`, as predict takes it: every positional is an image
-        run_dir, images = args.model, [args.run_dir] * (args.run_dir is not None) + args.images
-    elif args.run_dir:
-        run_dir, images = args.run_dir, args.images
+    # The issue's `fmnist explain RUN_DIR [IMAGE ...]` as well as --model: a folder first among
+    # the positionals is the run folder (an image is never a folder).
+    images = args.images
+    if args.model is None and images and os.path.isdir(images[0]):
+        run_dir, images = images[0], images[1:]
     else:
-        raise FmnistError("explain: give the run folder, RUN_DIR or --model RUN_DIR")
+        run_dir = which_model(args)
     result = explain_run(run_dir, images, method=args.method, target=args.target, out=args.out,
                          embedding=args.embedding, map_size=args.map_size, count=args.count,
                          run_pictures=args.run_pictures, top_k=args.top_k, data_dir=args.data_dir)
@@ -174,19 +317,68 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from fmnist.calibrate import calibrate_run
+
+    run_dir = which_model(args)
+    entry = calibrate_run(run_dir, args.data_dir, args.device)
+    if args.json:
+        print(json.dumps(entry))
+        return 0
+    figures, ood = entry["validation"], entry["ood"]
+    print(f"{run_dir}: temperature {entry['temperature']:.3f} "
+          f"(validation ECE {figures['ece']:.2%} -> {figures['ece_calibrated']:.2%}, "
+          f"NLL {figures['nll']:.4f} -> {figures['nll_calibrated']:.4f}); "
+          f"out-of-distribution threshold {ood['threshold']:.3f} ({ood['pass_rate']:.0%} of validation images pass)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from fmnist.export import export_onnx
 
-    print(export_onnx(args.model, args.out, quantize=args.quantize, data_dir=args.data_dir))
+    print(export_onnx(which_model(args), args.out, quantize=args.quantize, data_dir=args.data_dir))
     return 0
 
 
 def cmd_serve(args) -> int:
-    from fmnist.run import RunDir
     from fmnist.serve import serve
 
-    run_dir = args.model or RunDir.latest("runs").path
-    serve(run_dir, config_from_args(ServeConfig, args))
+    config = config_from_args(ServeConfig, args)
+    config.validate()  # a bad flag first, before a note about which model
+    serve(which_model(args), config)
+    return 0
+
+
+def preset_flags(values: dict[str, Any]) -> str:
+    """Config values as the flags that set them: {"flip": True, "lr": 0.2} -> "--flip --lr 0.2"."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            words.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        else:
+            words.append(f"{flag_name(name)} {value:g}" if isinstance(value, float) else f"{flag_name(name)} {value}")
+    return " ".join(words)
+
+
+# The fields that make the post's recipe, shown for the preset that changes none of them.
+POST_RECIPE = ("model", "init", "steps", "batch_size", "optimizer", "lr", "keep_prob")
+
+
+def cmd_presets(args) -> int:
+    from fmnist.presets import ABOUT, PRESETS
+
+    defaults = TrainConfig()
+    rows = [(name, PRESETS[name] or {f: getattr(defaults, f) for f in POST_RECIPE}, ABOUT[name]) for name in PRESETS]
+    if args.json:
+        print(json.dumps([{"name": name, "summary": about.summary, "fields": fields, "measured": about.measured}
+                          for name, fields, about in rows]))
+        return 0
+    for name, fields, about in rows:
+        print(f"{name}: {about.summary}")
+        print(f"  recipe:   {preset_flags(fields)}")
+        print(f"  measured: {about.measured}")
+        print()
+    print("Train one with `fmnist train --preset NAME`; flags given alongside override its fields.")
     return 0
 
 
@@ -202,47 +394,57 @@ def cmd_report(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="fmnist",
-        description="Train, evaluate and plot ConvNets on Fashion-MNIST.",
+        description="Train, evaluate, explain and serve ConvNets on Fashion-MNIST. Commands that use a "
+        "trained model take it as --model RUN_DIR (default: the most recent run under ./runs).",
     )
     parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = sub.choices  # name -> subparser, for their own error messages
 
     data_dir_help = "folder with the four IDX files (default: search $FMNIST_DATA, ./data/fashion, ~/.cache/fmnist, /usr/share/datasets/fashion-mnist)"
 
-    p = sub.add_parser("download", help="fetch and verify the dataset",
+    p = sub.add_parser("download", help="fetch and verify the dataset (or say where it already is)",
                        description="Fetch the four Fashion-MNIST files, verify their checksums and "
-                       "write each atomically. Data is looked for in: --data-dir, $FMNIST_DATA, "
-                       "./data/fashion, ~/.cache/fmnist, /usr/share/datasets/fashion-mnist.")
-    p.add_argument("--data-dir", help="where to put the files (default: ~/.cache/fmnist)")
+                       "write each atomically; nothing is fetched when the data is found already. "
+                       "Data is looked for in: --data-dir, $FMNIST_DATA, ./data/fashion, "
+                       "~/.cache/fmnist, /usr/share/datasets/fashion-mnist.")
+    p.add_argument("--data-dir", help="where to put the files (default: ~/.cache/fmnist, unless the data is found)")
     p.add_argument("--mirror", help="base URL to download from (default: $FMNIST_MIRROR or the official mirror)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("train", help="train a network and write a run folder",
-                       description="Train a network; the defaults reproduce the post. Flags override "
-                       "--config, which overrides the defaults.")
+                       usage="%(prog)s [-h] [--preset NAME] [--config FILE] [FLAG ...]",
+                       description="Train a network; the defaults are the post's recipe. Flags override "
+                       "--config, which overrides --preset, which overrides the defaults.")
     p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of config fields")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_flags(p, TrainConfig)
+    headings = add_config_flags(p, TrainConfig, TRAIN_GROUPS)
+    headings["output"].add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("presets", help="list the named training recipes (--preset) and what they measured",
+                       description="The presets of `fmnist train --preset NAME`: each one's recipe as "
+                       "flags and the accuracy and time it measured.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy, confusion matrix",
                        description="Evaluate a run's model on the 10,000 test images.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fmnist train`")
+    add_model_arg(p, positional_too=True)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--data-dir", help=data_dir_help)
     p.add_argument("--device", default="cpu", help="device to evaluate on (default: cpu)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="fp32 (exact, the default), bf16 autocast, or auto (bf16 where native)")
+    p.add_argument("--precision", default="fp32", choices=get_args(Precision), metavar="NAME",
+                   help="fp32 (exact), bf16 autocast, or auto: bf16 where native (one of: auto, fp32, bf16; default: fp32)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="redraw a run's plots",
                        description="Write cost.png, samples.png, confusion_matrix.png and "
                        "misclassified.png into a run folder.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `fmnist train`")
+    add_model_arg(p, positional_too=True)
     p.add_argument("--data-dir", help=data_dir_help)
     p.set_defaults(func=cmd_plot)
 
@@ -258,6 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("calibrate", help="fit a run's temperature and out-of-distribution threshold",
+                       description="Fit, on the run's validation split, the temperature that makes its "
+                       "probabilities honest and the out-of-distribution score's threshold (95% of "
+                       "validation images pass), and write them into its model.json and ood.safetensors. "
+                       "Training does this itself; this is for runs trained before it did.")
+    add_model_arg(p, positional_too=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("models", help="list the registered networks",
                        description="List the registered networks with parameters and FLOPs per image.")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -268,35 +481,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "or grey: each is turned into a Fashion-MNIST-like 28x28 image first) and "
                        ".npy or IDX batches of 28x28 uint8 images.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="picture, .npy or IDX file")
-    p.add_argument("--model", metavar="RUN_DIR", help="run folder of the model (default: the most recent under ./runs)")
-    p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default: 3)")
+    add_model_arg(p)
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model saw, per input, as PNG into DIR")
+    p.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model saw, per input, as "
+                   "PNG into DIR (batch.npy[1] -> DIR/batch-1.png) and say where")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="attribution heatmaps and pictures of what a model learnt",
+                       usage="%(prog)s [RUN_DIR | --model RUN_DIR] [IMAGE ...] [--method NAME] "
+                       "[--target CLASS] [FLAG ...]",
                        description="For each image (pictures, .npy or IDX files; without any, 8 test "
                        "images, half of them misclassified): the 28x28 input, an attribution heatmap "
                        "for the predicted class over it and the top classes, as PNG. For the run: the "
                        "first convolution's filters, one image's activations, a 2-D map of the test "
                        "set's penultimate features, the most confused class pairs. Written into "
                        "RUN_DIR/explain/ (or --out). Needs the explain extra.")
-    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder written by `fmnist train`")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="picture, .npy or IDX file (default: test images)")
-    p.add_argument("--model", metavar="RUN_DIR", help="the run folder, as predict takes it (then every positional is an image)")
-    p.add_argument("--method", default="ig", choices=get_args(Attribution),
-                   help="ig: integrated gradients from the black image (default); gradcam: Grad-CAM on "
-                   "the last convolution; occlusion: a 3x3 black patch slid over the image")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="picture, .npy or IDX file (default: test "
+                   "images); a run folder given first is the model, as with --model")
+    add_model_arg(p)
+    p.add_argument("--method", default="ig", choices=get_args(Attribution), metavar="NAME",
+                   help="ig: integrated gradients from the black image; gradcam: Grad-CAM on the last "
+                   "convolution; occlusion: a 3x3 black patch slid over the image (one of: ig, gradcam, "
+                   "occlusion; default: ig)")
     p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
     p.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/explain)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top classes, heatmaps, paths) instead of the paths")
-    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
-    p.add_argument("--count", type=int, default=8, help="test images explained when no image is given (default: 8)")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (default: 3)")
+    p.add_argument("--count", type=int, default=8, metavar="N", help="test images explained when no image is given (default: 8)")
     p.add_argument("--run-pictures", action=argparse.BooleanOptionalAction, default=True,
                    help="also draw the run's filters, activations, feature map and confused pairs (default: on)")
-    p.add_argument("--embedding", default="umap", choices=get_args(Embedding),
+    p.add_argument("--embedding", default="umap", choices=get_args(Embedding), metavar="NAME",
                    help="the feature map's method: umap (umap-learn) or tsne (scikit-learn) (default: umap)")
-    p.add_argument("--map-size", type=int, default=3000, help="test images in the feature map (default: 3000)")
+    p.add_argument("--map-size", type=int, default=3000, metavar="N", help="test images in the feature map (default: 3000)")
     p.add_argument("--data-dir", help=data_dir_help)
     p.set_defaults(func=cmd_explain)
 
@@ -304,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the model as ONNX: input float32 pixels 0..255 of shape "
                        "(N, 1, 28, 28), normalisation included; outputs logits and probabilities; "
                        "class names in the metadata. Needs the export extra.")
-    p.add_argument("--model", metavar="RUN_DIR", required=True, help="run folder of the model")
+    add_model_arg(p)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
     p.add_argument("--out", metavar="FILE", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--quantize", choices=["int8"], help="write a static int8 model (activation "
@@ -314,20 +531,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP prediction service with a web page",
                        description="Serve a model over HTTP: POST /v1/predict (multipart field "
-                       "'file'), GET /v1/classes, GET /healthz, the OpenAPI page at /docs and a "
-                       "web page at /. Needs the serve extra.")
-    p.add_argument("--model", metavar="RUN_DIR", help="run folder of the model (default: the most recent under ./runs)")
+                       "'file'), POST /v1/explain (the same, plus a heatmap; the explain extra), GET "
+                       "/v1/classes, GET /healthz, the OpenAPI description at "
+                       "/openapi.json and a web page at /. Needs the serve extra.")
+    add_model_arg(p)
     add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line as a namespace; a mistake ends in one line from the (sub)command it
+    concerns, with the nearest flag suggested."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.commands[args.command].unrecognized(extras)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     # Under torchrun every process meets the same error: rank 0 alone says it.
     say = os.environ.get("RANK", "0") == "0"
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # `fmnist predict ... | head`: the reader has all it wants. Quiet, as a tool killed by
+        # SIGPIPE; stdout goes to devnull so that the interpreter's own flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that SIGPIPE ended
     except FmnistError as e:
         if say:
             print(f"fmnist: error: {e}", file=sys.stderr)

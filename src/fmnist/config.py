@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -12,13 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fmnist import FmnistError
-from fmnist.presets import preset
+from fmnist.presets import PRESETS, preset
 
 # Allowed values, declared once: the CLI's choices and the checks below come from these.
 Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["constant", "cosine", "onecycle"]
 Precision = Literal["auto", "fp32", "bf16"]
 Init = Literal["default", "normal"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 Attribution = Literal["ig", "gradcam", "occlusion"]  # fmnist explain --method
 Embedding = Literal["umap", "tsne"]  # fmnist explain --embedding
 
@@ -30,13 +32,59 @@ LEGACY_NAMES = {"model": {"seed": "post", "seed-bn": "post-bn"}, "init": {"seed"
                 "preset": {"seed": "post"}}
 
 
-def opt(default: Any, help: str):
-    """A config field whose help text serves the docs and the command-line flag alike."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, *, within: str | None = None, group: str | None = None,
+        choices: tuple[str, ...] | None = None):
+    """A config field whose help text serves the docs and the command-line flag alike.
+    `within`: the values a number may take, as an interval ("(0, 1]", "[0, inf)"), checked by
+    `check_ranges` and shown in the help; `group`: its heading in `--help`; `choices`: the
+    names a str field allows, where they are not a Literal type (they are declared elsewhere)."""
+    metadata = {"help": help, "group": group, "choices": choices,
+                "within": Range.parse(within) if within else None}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of numbers, written as in mathematics: "(0, 1]", "[0, inf)", "[1, 65535]"."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        low, high = (part.strip() for part in text.strip()[1:-1].split(","))
+        return cls(float(low), float(high), text.strip()[0] == "(", text.strip()[-1] == ")")
+
+    def __contains__(self, value: float) -> bool:  # NaN lies in no range
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """'> 0', '>= 1' or 'in (0, 1]': how the help and the errors say it."""
+        low, high = _number(self.low), _number(self.high)
+        if self.high == float("inf"):
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a config field: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
 
 
 def choices(cls, name: str) -> tuple[str, ...] | None:
-    """The values a Literal-typed field of `cls` allows; None for other fields."""
+    """The values a Literal-typed field of `cls` (or one given `choices=`) allows; None for
+    other fields."""
+    declared = next(f for f in fields(cls) if f.name == name).metadata.get("choices")
+    if declared:
+        return tuple(declared)
     args = get_args(get_type_hints(cls)[name])
     literal = [a for a in args if isinstance(a, str)]
     return tuple(literal) or None
@@ -51,74 +99,100 @@ def check_choices(config) -> None:
             raise FmnistError(f"unknown {f.name.replace('_', ' ')} {value!r}; choose from: {', '.join(allowed)}")
 
 
+def check_ranges(config) -> None:
+    """Refuse a number outside its field's `within` interval, naming the flag and the range."""
+    for f in fields(config):
+        allowed, value = f.metadata.get("within"), getattr(config, f.name)
+        if allowed is not None and value is not None and value not in allowed:
+            shown = _number(value) if isinstance(value, int | float) else repr(value)
+            finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+            raise FmnistError(f"{flag_name(f.name)} must be {finite}{allowed.describe()}, got {shown}")
+
+
+# Headings of `fmnist train --help`, in order; each field of TrainConfig names one as its group.
+TRAIN_GROUPS = ("data", "model", "optimisation", "augmentation", "evaluation", "checkpoints and resume",
+                "device and distributed", "output")
+
+
 @dataclass
 class TrainConfig:
     """What `fmnist train` does. The defaults are the post's recipe."""
 
-    preset: str | None = opt(None, "named recipe: post (the defaults), cpu-fast, gpu-fast, best; --config and flags override its fields")
-    model: str = opt("post", "network, a name from `fmnist models`")
-    init: Init = opt("default", "initialisation: 'default' (PyTorch's) or 'normal' (every weight and bias ~ N(0, 1), the post's tf.random_normal)")
-    keep_prob: float = opt(0.75, "dropout keep probability of the post's networks (the post's `dropout`)")
-    steps: int = opt(500, "optimiser steps (the post's num_steps)")
-    epochs: float | None = opt(None, "passes over the training split; overrides --steps when set")
-    batch_size: int = opt(128, "images per optimiser step")
-    lr: float = opt(0.001, "learning rate (the peak, with a schedule)")
-    optimizer: Optimizer = opt("adam", "'adam' (the post), 'adamw' or 'sgd' (with Nesterov momentum)")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(0.0, "weight decay (decoupled from the gradient for adamw)")
-    schedule: Schedule = opt("constant", "learning rate over the run: 'constant' (the post), 'cosine' (to 0), 'onecycle' (linear up to --lr, then linearly down to 0)")
-    warmup: float = opt(0.0, "fraction of the steps the learning rate rises from 0 (the peak of onecycle)")
-    label_smoothing: float = opt(0.0, "weight of the uniform distribution mixed into the targets")
-    grad_clip: float = opt(0.0, "clip the gradients' total norm to this (0: no clipping)")
-    translate: int = opt(0, "augmentation: shift each image by up to this many pixels")
-    flip: bool = opt(False, "augmentation: mirror half the images left-right")
-    erase: float = opt(0.0, "augmentation: probability of erasing a random rectangle")
-    photo: float = opt(0.0, "augmentation: probability of making an image look like a prepared photo (mirror, rotation up to 15 degrees, stretch, the preparation's crop and resize, gamma, blur)")
-    ema: float = opt(0.0, "decay of an exponential moving average of the weights, which is evaluated and saved (0: off)")
-    tta: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror image")
-    compile: bool = opt(False, "torch.compile the network for training")
-    seed: int = opt(0, "seed of every random generator: same seed, same numbers on the CPU")
-    val_size: int = opt(5000, "images held out of the training file for validation (its first ones, as the post's loader)")
-    normalize: bool = opt(False, "standardise pixels by the training mean and std (the post only scales them to 0..1)")
-    log_every: int = opt(100, "steps between printed loss lines (the post's 100)")
-    eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)")
-    eval_test: bool = opt(False, "also evaluate the test set at each --eval-every, for time-to-accuracy benchmarks (choose settings on validation)")
-    device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    precision: Precision = opt("auto", "'fp32', 'bf16' (autocast, weights stay fp32) or 'auto': bf16 where the device computes it natively (recent GPUs, CPUs with AVX-512 BF16 or AMX)")
-    threads: int = opt(0, "intra-op CPU threads (0: PyTorch's default, one per core)")
-    channels_last: bool = opt(True, "NHWC memory layout, faster convolutions on CPU and GPU")
-    data_dir: str | None = opt(None, "folder with the four IDX files (default: searched, see `fmnist download --help`)")
-    out: str | None = opt(None, "run folder to create (default: runs/<time>-<model>)")
-    plots: bool = opt(True, "write the PNG plots at the end")
-    tensorboard: bool = opt(False, "also write TensorBoard event files into the run folder (needs the tensorboard extra)")
+    preset: str | None = opt(None, "named recipe, listed by `fmnist presets`; --config and flags override its fields",
+                             choices=tuple(PRESETS))
+    model: str = opt("post", "network, a name from `fmnist models`", group="model")
+    init: Init = opt("default", "initialisation: 'default' (PyTorch's) or 'normal' (every weight and bias ~ N(0, 1), the post's tf.random_normal)",
+                     group="model")
+    keep_prob: float = opt(0.75, "dropout keep probability of the post's networks (the post's `dropout`)",
+                           within="(0, 1]", group="model")
+    steps: int = opt(500, "optimiser steps (the post's num_steps)", within="[1, inf)", group="optimisation")
+    epochs: float | None = opt(None, "passes over the training split; overrides --steps when set", within="(0, inf)",
+                               group="optimisation")
+    batch_size: int = opt(128, "images per optimiser step", within="[1, inf)", group="optimisation")
+    lr: float = opt(0.001, "learning rate (the peak, with a schedule)", within="(0, inf)", group="optimisation")
+    optimizer: Optimizer = opt("adam", "'adam' (the post), 'adamw' or 'sgd' (with Nesterov momentum)", group="optimisation")
+    momentum: float = opt(0.9, "SGD momentum", within="[0, 1)", group="optimisation")
+    weight_decay: float = opt(0.0, "weight decay (decoupled from the gradient for adamw)", within="[0, inf)",
+                              group="optimisation")
+    schedule: Schedule = opt("constant", "learning rate over the run: 'constant' (the post), 'cosine' (to 0), 'onecycle' (linear up to --lr, then linearly down to 0)",
+                             group="optimisation")
+    warmup: float = opt(0.0, "fraction of the steps the learning rate rises from 0 (the peak of onecycle)",
+                        within="[0, 1)", group="optimisation")
+    label_smoothing: float = opt(0.0, "weight of the uniform distribution mixed into the targets", within="[0, 1)",
+                                 group="optimisation")
+    grad_clip: float = opt(0.0, "clip the gradients' total norm to this (0: no clipping)", within="[0, inf)",
+                           group="optimisation")
+    translate: int = opt(0, "shift each image by up to this many pixels", within="[0, 27]", group="augmentation")
+    flip: bool = opt(False, "mirror half the images left-right", group="augmentation")
+    erase: float = opt(0.0, "probability of erasing a random rectangle", within="[0, 1]", group="augmentation")
+    photo: float = opt(0.0, "probability of making an image look like a prepared photo (mirror, rotation up to 15 degrees, stretch, the preparation's crop and resize, gamma, blur)",
+                       within="[0, 1]", group="augmentation")
+    ema: float = opt(0.0, "decay of an exponential moving average of the weights, which is evaluated and saved (0: off)",
+                     within="[0, 1)", group="optimisation")
+    tta: bool = opt(False, "test-time augmentation: average the logits of each image and its mirror image",
+                    group="evaluation")
+    compile: bool = opt(False, "torch.compile the network for training", group="device and distributed")
+    seed: int = opt(0, "seed of every random generator: same seed, same numbers on the CPU", within="[0, 4294967295]")
+    val_size: int = opt(5000, "images held out of the training file for validation (its first ones, as the post's loader)",
+                        within="[0, inf)", group="data")
+    normalize: bool = opt(False, "standardise pixels by the training mean and std (the post only scales them to 0..1)",
+                          group="data")
+    log_every: int = opt(100, "steps between printed loss lines (the post's 100)", within="[1, inf)", group="output")
+    eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)", within="[0, inf)",
+                          group="evaluation")
+    eval_test: bool = opt(False, "also evaluate the test set at each --eval-every, for time-to-accuracy benchmarks (choose settings on validation)",
+                          group="evaluation")
+    device: str = opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...",
+                      group="device and distributed")
+    precision: Precision = opt("auto", "'fp32', 'bf16' (autocast, weights stay fp32) or 'auto': bf16 where the device computes it natively (recent GPUs, CPUs with AVX-512 BF16 or AMX)",
+                               group="device and distributed")
+    threads: int = opt(0, "intra-op CPU threads (0: PyTorch's default, one per core)", within="[0, inf)",
+                       group="device and distributed")
+    channels_last: bool = opt(True, "NHWC memory layout, faster convolutions on CPU and GPU", group="device and distributed")
+    data_dir: str | None = opt(None, "folder with the four IDX files (default: searched, see `fmnist download --help`)",
+                               group="data")
+    out: str | None = opt(None, "run folder to create (default: runs/<time>-<model>; never overwritten)", group="output")
+    plots: bool = opt(True, "write the PNG plots at the end", group="output")
+    tensorboard: bool = opt(False, "also write TensorBoard event files into the run folder (needs the tensorboard extra)",
+                            group="output")
     # 200 writes 2 checkpoints in the post's 500 steps, plus the final one; each costs a copy of
     # the weights and optimiser state, the file itself is written on a background thread.
-    checkpoint_every: int = opt(200, "steps between checkpoints of the training state (last.pt) for --resume; 0: only at the end and when stopped")
-    resume: str | None = opt(None, "run folder to continue from its last checkpoint, with its saved config; only --steps/--epochs (more), logging, checkpoint, device, threads, data-dir, nproc and plots flags may be given alongside")
-    nproc: int = opt(1, "processes to train on with DistributedDataParallel on this machine (one per GPU, or CPU processes), launched through torchrun; ignored under torchrun")
-
+    checkpoint_every: int = opt(200, "steps between checkpoints of the training state (last.pt) for --resume; 0: only at the end and when stopped",
+                                within="[0, inf)", group="checkpoints and resume")
+    resume: str | None = opt(None, "run folder to continue from its last checkpoint, with its saved config; only --steps/--epochs (more), logging, checkpoint, device, threads, data-dir, nproc and plots flags may be given alongside",
+                             group="checkpoints and resume")
+    nproc: int = opt(1, "processes to train on with DistributedDataParallel on this machine (one per GPU, or CPU processes), launched through torchrun; ignored under torchrun",
+                     within="[1, inf)", group="device and distributed")
 
     def validate(self) -> None:
-        """Refuse settings that cannot work, before any data is read or process started."""
+        """Refuse settings that cannot work, before any data is read or process started: a
+        choice or a number outside what its field allows (one line naming the flag and the
+        allowed values), an unknown network, a batch that does not split over the processes."""
         from fmnist.models import model_spec  # torch: not needed to parse flags
 
         check_choices(self)
+        check_ranges(self)
         model_spec(self.model)
-        for name in ("warmup", "label_smoothing", "ema"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise FmnistError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
-        for name in ("erase", "photo"):  # probabilities
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise FmnistError(f"--{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.translate < 0 or self.grad_clip < 0:
-            raise FmnistError("--translate and --grad-clip must not be negative")
-        for name in ("batch_size", "nproc"):
-            if getattr(self, name) < 1:
-                raise FmnistError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.epochs is None and self.steps < 1:
-            raise FmnistError(f"--steps must be positive, got {self.steps}")
-        if self.checkpoint_every < 0:
-            raise FmnistError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")
         if self.batch_size % self.nproc:
             raise FmnistError(f"--batch-size {self.batch_size} does not split into {self.nproc} equal shares (--nproc)")
         if self.tensorboard:
@@ -277,19 +351,18 @@ class ServeConfig:
     """What `fmnist serve` does, besides which model it serves."""
 
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only; the service has no authentication)")
-    port: int = opt(8000, "TCP port")
-    max_upload_bytes: int = opt(10 * 1024 * 1024, "largest request body accepted, in bytes")
-    max_pixels: int = opt(MAX_PIXELS, "largest decoded image, in pixels, checked from its header before decoding")
-    max_batch: int = opt(64, "most concurrent requests run through the model as one batch")
-    threads: int = opt(1, "PyTorch intra-op threads of the model (the event loop needs a core)")
-    decode_workers: int = opt(2, "threads decoding large images (bounds their memory)")
-    max_connections: int = opt(512, "concurrent connections; more get 503 (bounds buffered bodies)")
+    port: int = opt(8000, "TCP port (0: any free one)", within="[0, 65535]")
+    max_upload_bytes: int = opt(10 * 1024 * 1024, "largest request body accepted, in bytes", within="[1, inf)")
+    max_pixels: int = opt(MAX_PIXELS, "largest decoded image, in pixels, checked from its header before decoding",
+                          within="[1, inf)")
+    max_batch: int = opt(64, "most concurrent requests run through the model as one batch", within="[1, inf)")
+    threads: int = opt(1, "PyTorch intra-op threads of the model (the event loop needs a core; 0: PyTorch's default)",
+                       within="[0, inf)")
+    decode_workers: int = opt(2, "threads decoding large images (bounds their memory)", within="[1, inf)")
+    max_connections: int = opt(512, "concurrent connections; more get 503 (bounds buffered bodies)", within="[1, inf)")
     access_log: bool = opt(True, "log one line per request")
-    log_level: str = opt("info", "uvicorn's log level: critical, error, warning, info, debug")
+    log_level: LogLevel = opt("info", "uvicorn's log level")
 
     def validate(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "max_batch", "decode_workers", "max_connections"):
-            if getattr(self, name) < 1:
-                raise FmnistError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise FmnistError(f"--port must lie in 0..65535, got {self.port}")
+        check_choices(self)
+        check_ranges(self)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fmnist import FmnistError
-from fmnist.io import atomic_open
+from fmnist.io import atomic_open, share_as_umask_allows
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -246,8 +246,34 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, download_missing: b
     if not download_missing:
         looked = ", ".join(str(d) for d in dirs)
         raise DataError(f"Fashion-MNIST not found (looked in {looked}); run `fmnist download`")
-    download(target)
+    lacking = missing_files(target)
+    try:
+        fetch_into(target)
+    except DataError as e:
+        if data_dir is None:
+            raise
+        raise DataError(f"{data_dir}: {lacking}, and downloading them failed ({e}); {what_to_do(target)}") from None
     return target
+
+
+def missing_files(directory: Path) -> str:
+    """'no Fashion-MNIST files' or 'train-labels-idx1-ubyte.gz is missing': what a folder lacks."""
+    if not directory.is_dir():
+        return "no such folder"
+    names = [f.name for files in SPLITS.values() for f in files if not _file_in(directory, f.name)]
+    if len(names) == sum(len(files) for files in SPLITS.values()):
+        return "no Fashion-MNIST files there"
+    return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} missing"
+
+
+def what_to_do(directory: Path) -> str:
+    """The way out for a --data-dir without the data: where else it is, or how to get it."""
+    elsewhere = next((d for d in search_dirs() if _has_all(d)), None)
+    names = ", ".join(f.name for files in SPLITS.values() for f in files)
+    advice = f"copy the four IDX files ({names}; gzipped or not) into it"
+    if elsewhere is not None and elsewhere.resolve() != directory.resolve():
+        return f"{advice}, or leave out --data-dir to use the copy in {elsewhere}"
+    return f"{advice}, or run `fmnist download --data-dir {directory}` where the internet is reachable"
 
 
 def load_split(split: str, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -289,6 +315,7 @@ def _fetch(url: str, dest: Path, info: IdxFile, progress: bool) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
+        share_as_umask_allows(tmp)
         with os.fdopen(fd, "wb") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=30)
@@ -319,29 +346,73 @@ def download(
 ) -> Path:
     """Fetch the four files into data_dir (default: the user cache), verifying each.
 
-    A file already present with the right payload is kept. The mirror defaults to
-    $FMNIST_MIRROR or the official one.
+    A file already present with the right payload is kept. Without `data_dir`, data found
+    where fmnist looks for it (`search_dirs`) is checked and kept, and nothing is fetched. The
+    mirror defaults to $FMNIST_MIRROR or the official one.
     """
+    if data_dir is None:
+        found = next((d for d in search_dirs() if _has_all(d)), None)
+        if found is not None:
+            verify_dir(found)
+            log(f"Fashion-MNIST is already present in {found} (checked); nothing to download")
+            return found
     target = Path(data_dir) if data_dir is not None else cache_dir()
+    try:
+        return fetch_into(target, mirror, progress, log)
+    except DataError as e:
+        elsewhere = next((d for d in search_dirs() if _has_all(d)), None)
+        if elsewhere is None:
+            raise
+        raise DataError(f"{e}; the data is already in {elsewhere}, where fmnist finds it without --data-dir") from None
+
+
+def fetch_into(target: Path, mirror: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Fetch the four files into `target`, keeping those already there with the right payload."""
     mirror = mirror or os.environ.get("FMNIST_MIRROR") or MIRROR
     if not mirror.endswith("/"):
         mirror += "/"
+    created = not target.exists()
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{target}: cannot create data folder ({e.strerror})") from None
+    fetched = 0
+    try:
+        for files in SPLITS.values():
+            for info in files:
+                dest = target / info.name
+                if _file_in(target, info.name) and _verified(_file_in(target, info.name), info, log):
+                    continue
+                _fetch(mirror + info.name, dest, info, progress)
+                fetched += 1
+    except DataError:
+        if created and not any(target.iterdir()):
+            target.rmdir()  # leave no empty folder behind a failed download
+        raise
+    log(f"Fashion-MNIST is in {target}" if fetched else f"Fashion-MNIST is already present in {target} (checked); nothing to download")
+    return target
+
+
+def _verified(path: Path, info: IdxFile, log) -> bool:
+    """Whether a file holds the official payload; one that does not is said to be replaced."""
+    try:
+        _verify_payload(_read_payload(path), info, str(path))
+        return True
+    except DataError as e:
+        log(f"replacing {path}: {e}")
+        return False
+
+
+def verify_dir(directory: Path) -> None:
+    """Check the size and SHA-256 of the four files of a folder fmnist found the data in."""
     for files in SPLITS.values():
         for info in files:
-            dest = target / info.name
-            if dest.is_file():
-                try:
-                    _verify_payload(_read_payload(dest), info, str(dest))
-                    continue
-                except DataError as e:
-                    log(f"replacing {dest}: {e}")
-            _fetch(mirror + info.name, dest, info, progress)
-    log(f"Fashion-MNIST is in {target}")
-    return target
+            path = _file_in(directory, info.name)
+            try:
+                _verify_payload(_read_payload(path), info, str(path))
+            except DataError as e:
+                raise DataError(f"{e}; fmnist finds this copy first: replace it with the official files, "
+                                f"or fetch them elsewhere with `fmnist download --data-dir DIR`") from None
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -391,7 +462,7 @@ def load_splits(val_size: int, norm: Normalization, data_dir=None, device=None) 
     train_raw, train_labels = load_split("train", data_dir)
     test_raw, test_labels = load_split("test", data_dir)
     if not 0 <= val_size < len(train_raw):
-        raise FmnistError(f"--val-size must be in 0..{len(train_raw) - 1}, got {val_size}")
+        raise FmnistError(f"--val-size must be in [0, {len(train_raw) - 1}] (the training images less one), got {val_size}")
 
     def split(raw, labels) -> Split:
         return Split(to_tensor(raw, norm.mean, norm.std, device), torch.as_tensor(labels, device=device),

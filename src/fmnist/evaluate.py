@@ -1,17 +1,18 @@
 """Accuracy, per-class accuracy and the confusion matrix of a trained model on the test set.
 
-    fmnist evaluate runs/my-run
-    fmnist evaluate runs/my-run --json
+    fmnist evaluate --model runs/my-run
+    fmnist evaluate --model runs/my-run --json
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmnist.calibrate import calibration_figures
 from fmnist.checkpoint import load_network
 from fmnist.data import CLASS_NAMES, NUM_CLASSES, Split, load_split, to_tensor
 from fmnist.device import autocast_dtype, resolve_device
@@ -59,15 +60,29 @@ class Evaluation:
     per_class: dict[str, float]  # class name -> accuracy
     confusion_matrix: list[list[int]]  # [true][predicted] counts
     predictions: torch.Tensor  # (N,) predicted labels, on the CPU
+    logits: torch.Tensor | None = None  # (N, classes), on the CPU
+    labels: torch.Tensor | None = None  # (N,) true labels, on the CPU
+    # ece, nll (with the run's temperature), ece_uncalibrated, nll_uncalibrated, temperature
+    calibration: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "accuracy": self.accuracy,
             "loss": self.loss,
+            **self.calibration,
             "per_class": self.per_class,
             "confusion_matrix": self.confusion_matrix,
             "class_names": list(self.per_class),
         }
+
+    def calibrate(self, temperature: float) -> Evaluation:
+        """Add the calibration figures: expected calibration error and negative log-likelihood,
+        with the temperature and without."""
+        figures = calibration_figures(self.logits, self.labels, temperature)
+        self.calibration = {"ece": figures["ece_calibrated"], "nll": figures["nll_calibrated"],
+                            "ece_uncalibrated": figures["ece"], "nll_uncalibrated": figures["nll"],
+                            "temperature": temperature}
+        return self
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, class_names=CLASS_NAMES) -> Evaluation:
@@ -84,6 +99,8 @@ def score(logits: torch.Tensor, labels: torch.Tensor, class_names=CLASS_NAMES) -
         per_class=dict(zip(class_names, per_class, strict=True)),
         confusion_matrix=confusion.tolist(),
         predictions=predictions,
+        logits=logits,
+        labels=labels,
     )
 
 
@@ -122,4 +139,5 @@ def evaluate_run(run_dir, data_dir=None, device="cpu", precision: str = "fp32") 
     model, meta = load_network(run_dir, device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     images, labels, _ = load_test_tensors(meta, data_dir, device)
-    return evaluate(model, images, labels, meta.class_names, amp_dtype, tta=meta.tta)
+    result = evaluate(model, images, labels, meta.class_names, amp_dtype, tta=meta.tta)
+    return result.calibrate(meta.temperature)

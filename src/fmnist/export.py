@@ -31,11 +31,13 @@ OUTPUT_NAMES = ("logits", "probabilities")
 
 
 class RawPixelModel(nn.Module):
-    """A trained model behind its own normalisation: pixels 0..255 in, logits and probabilities out."""
+    """A trained model behind its own normalisation: pixels 0..255 in, logits and probabilities
+    out, the probabilities tempered by the run's calibration as `fmnist predict` tempers them."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float, tta: bool = False):
+    def __init__(self, model: nn.Module, mean: float, std: float, tta: bool = False, temperature: float = 1.0):
         super().__init__()
         self.model, self.tta = model, tta
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))  # the run's calibration
         # (pixels / 255 - mean) / std, folded into one multiply-add
         self.register_buffer("scale", torch.tensor(1.0 / (255.0 * std)))
         self.register_buffer("shift", torch.tensor(-mean / std))
@@ -45,7 +47,7 @@ class RawPixelModel(nn.Module):
         logits = self.model(x)  # (N, classes)
         if self.tta:  # a model trained with mirror images: the mean with its mirror's, as evaluate
             logits = (logits + self.model(x.flip(3))) / 2
-        return logits, logits.softmax(1)
+        return logits, (logits * self.inverse_temperature).softmax(1)
 
 
 def _require_onnx():
@@ -85,7 +87,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
         raise FmnistError(f"{out.parent}: no such folder")
     model, meta = load_network(run_dir, "cpu")
     norm = meta.normalization
-    wrapped = RawPixelModel(model, norm.mean, norm.std, tta=meta.tta).eval()
+    wrapped = RawPixelModel(model, norm.mean, norm.std, tta=meta.tta, temperature=meta.temperature).eval()
     example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     batch = torch.export.Dim("batch")
     onnx_log = logging.getLogger("torch.onnx")
@@ -108,6 +110,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
         "normalization": json.dumps({"mean": norm.mean, "std": norm.std}),
         "input": "float32 pixels 0..255, shape (N, 1, 28, 28), light object on black",
         "model": meta.model,
+        "temperature": json.dumps(meta.temperature),  # probabilities = softmax(logits / temperature)
         "fmnist_version": __version__,
         "source_run": str(Path(run_dir).resolve()),
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -573,8 +574,16 @@ def read_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, np.ndarra
     return inputs
 
 
+def input_stem(name: str) -> str:
+    """The PNG name (without .png) of an input: `shoe.jpg` -> `shoe`, image 1 of a batch,
+    `batch.npy[1]` -> `batch-1`."""
+    found = re.fullmatch(r"(.*)\[(\d+)\]", name)
+    return f"{Path(found[1]).stem}-{found[2]}" if found else Path(name).stem
+
+
 def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.ndarray]]) -> list[Path]:
-    """Write each 28x28 model input as a PNG named after its file; returns the paths."""
+    """Write each 28x28 model input as a PNG named after its input (`input_stem`; a name taken
+    twice gets -2, -3...); returns the paths."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -590,12 +599,11 @@ def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.nda
 
 
 def file_stems(names: Sequence[str]) -> list[str]:
-    """A distinct file name stem per input name: "shoe.jpg" -> "shoe", "batch.npy[3]" ->
-    "batch-3"; a repeated stem gets "-2", "-3"..."""
+    """A distinct file name stem per input name (`input_stem`; a stem taken twice gets -2,
+    -3...)."""
     stems, used = [], set()
     for name in names:
-        base, bracket, index = name.partition("[")
-        stem = Path(base).stem + (f"-{index.rstrip(']')}" if bracket else "")
+        stem = input_stem(name)
         candidate, n = stem, 1
         while candidate in used:
             n += 1

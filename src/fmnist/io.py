@@ -3,6 +3,7 @@ imports nothing else from fmnist, so every other module may use it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -20,6 +21,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        share_as_umask_allows(tmp)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -29,6 +31,29 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def share_as_umask_allows(path: str | os.PathLike) -> None:
+    """Give a file made by `mkstemp` (always 0600) the mode a plain `open` would: 0666 less the
+    umask, so that other users, another container's uid or a web server can read what fmnist
+    writes when the umask lets them (0644 under the usual 022)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+@functools.cache
+def umask() -> int:
+    """The process's umask, read once. Linux shows it in /proc without changing it; elsewhere
+    it is set and restored, which is safe on the first call, before any writer thread starts."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(directory: Path) -> None:

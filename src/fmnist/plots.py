@@ -1,7 +1,7 @@
 """The run's pictures, as PNG files in its folder: the post's cost curve and sample images,
 the confusion matrix, and misclassified test images.
 
-    fmnist plot runs/my-run
+    fmnist plot --model runs/my-run
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from fmnist.data import load_split  # noqa: E402
 from fmnist.evaluate import evaluate, load_test_tensors  # noqa: E402
 from fmnist.io import atomic_open  # noqa: E402
 from fmnist.run import RunDir  # noqa: E402
+
+# Pixel 0 black, 255 white: Fashion-MNIST's own rendering (light objects on black), the input
+# the network sees.
+AS_THE_MODEL_SEES = "gray"
 
 
 def save_figure(fig, path: Path) -> None:
@@ -43,16 +47,18 @@ def plot_cost(steps, losses, lr: float, path: Path) -> None:
 
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, class_names, path: Path, per_class: int = 8) -> None:
-    """A grid of training examples: one row per class, in the post's 'Greys' colour map."""
+    """A grid of training examples, one row per class, light on black as the model sees them
+    (the post showed them dark on white, in the 'Greys' colour map)."""
     k = len(class_names)
-    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.9, k * 0.95))
+    # "compressed": the grid packed under its title, without matplotlib's default top margin
+    fig, axes = plt.subplots(k, per_class, figsize=(per_class * 0.9, k * 0.95), layout="compressed")
     for c in range(k):
         idx = np.flatnonzero(labels == c)[:per_class]
         for j in range(per_class):
             ax = axes[c, j]
             ax.set_axis_off()
             if j < len(idx):
-                ax.imshow(images[idx[j]], cmap="Greys", vmin=0, vmax=255)
+                ax.imshow(images[idx[j]], cmap=AS_THE_MODEL_SEES, vmin=0, vmax=255)
         axes[c, 0].text(-4, 14, class_names[c], ha="right", va="center", fontsize=9)
     fig.suptitle("Fashion-MNIST training examples")
     save_figure(fig, path)
@@ -78,14 +84,16 @@ def plot_confusion(confusion, class_names, path: Path) -> None:
 
 
 def plot_misclassified(images, labels, predictions, class_names, path: Path, count: int = 36) -> None:
+    """The first misclassified test images with their true and predicted classes, light on
+    black as the model sees them."""
     wrong = np.flatnonzero(np.asarray(predictions) != np.asarray(labels))[:count]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False, layout="compressed")
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, i in zip(axes.flat, wrong, strict=False):
-        ax.imshow(images[i], cmap="Greys", vmin=0, vmax=255)
+        ax.imshow(images[i], cmap=AS_THE_MODEL_SEES, vmin=0, vmax=255)
         ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}", fontsize=7)
     fig.suptitle(f"Misclassified test images (first {len(wrong)})")
     save_figure(fig, path)
@@ -116,4 +124,39 @@ def plot_run(run_dir, data_dir=None) -> list[Path]:
     images, labels, raw = load_test_tensors(meta, data_dir)
     evaluation = evaluate(model, images, labels, meta.class_names, tta=meta.tta)
     train_raw, train_labels = load_split("train", data_dir)
-    return write_plots(run, train_raw, train_labels, raw, labels, evaluation, meta.class_names)
+    paths = write_plots(run, train_raw, train_labels, raw, labels, evaluation, meta.class_names)
+    if meta.calibration:
+        plot_reliability(evaluation.logits, labels, meta.temperature, run.reliability_path)
+        paths.append(run.reliability_path)
+    return paths
+
+
+def plot_reliability(logits, labels, temperature: float, path: Path) -> None:
+    """The reliability diagram of the test set: in each confidence bin, how often the model is
+    right against how sure it says it is, before and after the run's temperature."""
+    import torch
+
+    from fmnist.calibrate import expected_calibration_error, reliability
+
+    logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.4), sharey=True)
+    for ax, t, name in ((axes[0], 1.0, "raw softmax"), (axes[1], temperature, f"temperature {temperature:.2f}")):
+        probabilities = (logits / t).softmax(1)
+        bins = reliability(probabilities, labels)
+        width = 1 / len(bins["centers"])
+        accuracy = [a if a is not None else 0 for a in bins["accuracy"]]
+        ax.bar(bins["centers"], accuracy, width=width * 0.95, color="#4c72b0", label="accuracy in the bin")
+        confidence = [c if c is not None else a for c, a in zip(bins["confidence"], accuracy, strict=True)]
+        ax.bar(bins["centers"], np.abs(np.subtract(confidence, accuracy)), bottom=np.minimum(confidence, accuracy),
+               width=width * 0.95, facecolor="none", edgecolor="#c44e52", hatch="///", linewidth=0.8,
+               label="gap to the mean confidence")
+        ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle="--", label="perfect calibration")
+        ece = expected_calibration_error(probabilities, labels)
+        ax.set_title(f"{name}: ECE {ece:.2%}")
+        ax.set_xlabel("confidence (top class probability)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle("Reliability on the test set")
+    save_figure(fig, path)

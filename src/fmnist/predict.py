@@ -8,9 +8,13 @@ the Python API.
 
     from fmnist.predict import load_model
     predictor = load_model("runs/my-run")
-    predictor.predict([PIL.Image.open("shoe.jpg")])   # {"predictions": [{"file": None, "top": [...]}]}
+    predictor.predict([PIL.Image.open("shoe.jpg")])
+    # {"predictions": [{"file": None, "top": [...], "ood_score": 0.3, "in_distribution": True}]}
 
 Pictures are made to look like Fashion-MNIST images by `fmnist.images.prepare_image` first.
+Probabilities are tempered by the run's calibration, and every prediction says whether the image
+looks like Fashion-MNIST at all (`fmnist.calibrate`); for a run trained before calibration existed
+both come from `fmnist calibrate --model RUN_DIR`, and until then `ood_score` and `in_distribution` are None.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from fmnist import FmnistError
+from fmnist.calibrate import OodDetector, load_detector, logits_and_features
 from fmnist.checkpoint import load_network
 from fmnist.data import to_tensor
 from fmnist.evaluate import predict_logits
@@ -36,14 +41,17 @@ from fmnist.run import ModelMeta, RunDir
 class Predictor:
     """A trained model with its class names and normalisation, ready for uint8 images."""
 
-    def __init__(self, model: torch.nn.Module, meta: ModelMeta, run_dir: Path | None = None):
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, run_dir: Path | None = None,
+                 detector: OodDetector | None = None):
         # Channels-last convolutions are about 1.5x faster on the CPU; predict_logits follows suit.
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.meta = meta
         self.run_dir = run_dir
+        self.detector = detector  # None: the run is not calibrated, nothing is flagged
         self.class_names: list[str] = list(meta.class_names)
         self.mean = meta.normalization.mean
         self.std = meta.normalization.std
+        self.temperature = meta.temperature
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -52,7 +60,29 @@ class Predictor:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         x = to_tensor(images, self.mean, self.std)
         # A model trained with mirror images averages each image with its mirror, as `evaluate` does.
-        return predict_logits(self.model, x, tta=self.meta.tta).softmax(1).numpy()
+        return (predict_logits(self.model, x, tta=self.meta.tta) / self.temperature).softmax(1).numpy()
+
+    @torch.inference_mode()
+    def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities (N, classes) and out-of-distribution scores (N,) of prepared uint8
+        images (N, 28, 28), in one pass; the scores are None for a run not calibrated."""
+        if self.detector is None or len(images) == 0:
+            return self.probabilities(images), None
+        x = to_tensor(images, self.mean, self.std)
+        logits, features = logits_and_features(self.model, x, self.meta.tta)
+        scores = self.detector.score(torch.as_tensor(np.asarray(images)), features)
+        return (logits / self.temperature).softmax(1).numpy(), scores.numpy()
+
+    def describe(self, probabilities: np.ndarray, scores: np.ndarray | None, top_k: int = 3) -> list[dict[str, Any]]:
+        """Per image: its top classes, `ood_score` (higher: less like Fashion-MNIST) and
+        `in_distribution` (the score under the run's threshold), None for both when the run
+        is not calibrated."""
+        tops = self.top(probabilities, top_k)
+        if scores is None:
+            return [{"top": t, "ood_score": None, "in_distribution": None} for t in tops]
+        threshold = self.detector.threshold
+        return [{"top": t, "ood_score": round(float(s), 4), "in_distribution": bool(s <= threshold)}
+                for t, s in zip(tops, scores, strict=True)]
 
     def top(self, probabilities: np.ndarray, k: int = 3) -> list[list[dict[str, Any]]]:
         """The k most probable classes of each row, most probable first."""
@@ -64,33 +94,36 @@ class Predictor:
         ]
 
     def predict(self, images, top_k: int = 3, names: Sequence[str] | None = None) -> dict[str, Any]:
-        """{"predictions": [{"file": name or None, "top": [{"label", "index", "probability"}]}]}
-        for PIL images or arrays (see `prepare_batch`)."""
+        """{"predictions": [{"file": name or None, "top": [{"label", "index", "probability"}],
+        "ood_score": float, "in_distribution": bool}]} for PIL images or arrays (see `prepare_batch`)."""
         batch = prepare_batch(images)
         if names is not None and len(names) != len(batch):
             raise ValueError(f"{len(names)} names for {len(batch)} images")
-        tops = self.top(self.probabilities(batch), top_k)
+        described = self.describe(*self.assess(batch), top_k)
         names = names if names is not None else [None] * len(batch)
-        return {"predictions": [{"file": n, "top": t} for n, t in zip(names, tops, strict=True)]}
+        return {"predictions": [{"file": n, **d} for n, d in zip(names, described, strict=True)]}
 
 
 def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> Predictor:
     """The predictor of a run folder written by `fmnist train`: `.model` (the network in eval
     mode), `.meta` (its model.json), `.predict(images)` and `.probabilities(images)`."""
-    model, meta = load_network(RunDir(run_dir), device)
-    return Predictor(model, meta, Path(run_dir))
+    run = RunDir(run_dir)
+    model, meta = load_network(run, device)
+    return Predictor(model, meta, Path(run_dir), load_detector(run, meta))
 
 
 def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 3,
                   save_input: str | os.PathLike | None = None) -> dict[str, Any]:
     """Predictions for image, .npy and IDX files, as `Predictor.predict` returns them plus the
-    model folder used; optionally writes the 28x28 inputs the model saw."""
+    model folder used; with `save_input`, writes the 28x28 image the model saw of each input as
+    a PNG into that folder and names it in the prediction's "input_file"."""
     if top_k < 1:
         raise FmnistError(f"--top-k must be at least 1, got {top_k}")
     predictor = load_model(run_dir)
     inputs = read_inputs(paths)
-    if save_input is not None:
-        save_inputs(save_input, inputs)
     batch = np.stack([image for _, image in inputs])
     result = predictor.predict(batch, top_k, names=[name for name, _ in inputs])
+    if save_input is not None:  # each prediction says where the image the model saw went
+        for entry, path in zip(result["predictions"], save_inputs(save_input, inputs), strict=True):
+            entry["input_file"] = str(path)
     return {"model": str(run_dir), **result}

@@ -36,11 +36,13 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+OOD_FILE = "ood.safetensors"  # the training examples the out-of-distribution score compares with
 LAST_STATE = "last.pt"  # training state of the latest checkpoint
 BEST_STATE = "best.pt"  # training state at the best validation accuracy
 TENSORBOARD_DIR = "tensorboard"
 EXPLAIN_DIR = "explain"
 PLOT_FILES = ("cost.png", "samples.png", "confusion_matrix.png", "misclassified.png")
+RELIABILITY_FILE = "reliability.png"  # drawn when the run is calibrated
 
 # A model.json may ask for any network the registry builds; more parameters than this is a
 # crafted or corrupt file, refused before anything is allocated (wrn-28-10 has 36.5 million).
@@ -123,6 +125,7 @@ class ModelMeta:
     steps: int = 0
     train_seconds: float = 0.0
     metrics: dict[str, float | None] = field(default_factory=dict)  # test_accuracy, test_loss, val_accuracy
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, ood (fmnist.calibrate)
     format: str = MODEL_FORMAT
     version: str = __version__  # of fmnist, when written
     input: dict[str, Any] = field(default_factory=lambda: dict(INPUT))
@@ -131,12 +134,18 @@ class ModelMeta:
     def test_accuracy(self) -> float | None:
         return self.metrics.get("test_accuracy")
 
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax (1.0 for a run not calibrated)."""
+        return float(self.calibration.get("temperature", 1.0))
+
     def to_json(self) -> dict[str, Any]:
         return {"format": self.format, "version": self.version, "model": self.model,
                 "model_args": self.model_args, "class_names": self.class_names,
                 "normalization": {"mean": self.normalization.mean, "std": self.normalization.std},
                 "tta": self.tta, "input": self.input, "config": self.config, "steps": self.steps,
-                "train_seconds": self.train_seconds, "metrics": self.metrics}
+                "train_seconds": self.train_seconds, "metrics": self.metrics,
+                "calibration": self.calibration}
 
     @classmethod
     def from_json(cls, obj: Any, where: str = META_FILE) -> ModelMeta:
@@ -154,7 +163,7 @@ class ModelMeta:
         if fmt != MODEL_FORMAT:
             raise bad(f"format {fmt!r} is newer than this fmnist reads ({MODEL_FORMAT!r}); upgrade fmnist")
         for key, kind in (("model", str), ("model_args", dict), ("class_names", list), ("normalization", dict),
-                          ("tta", bool), ("config", dict), ("metrics", dict)):
+                          ("tta", bool), ("config", dict), ("metrics", dict), ("calibration", dict)):
             if key in obj and not isinstance(obj[key], kind):
                 raise bad(f"{key!r} must be a {'JSON object' if kind is dict else kind.__name__}, "
                           f"got {type(obj[key]).__name__}")
@@ -170,12 +179,17 @@ class ModelMeta:
             raise bad(f"normalization needs finite numbers 'mean' and 'std', got {norm!r}")
         if std <= 0:
             raise bad(f"normalization 'std' must be positive, got {std}")
+        temperature = obj.get("calibration", {}).get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise bad(f"calibration 'temperature' must be a positive number, got {temperature!r}")
         model = LEGACY_NAMES["model"].get(obj["model"], obj["model"])
         model_spec(model)  # an unknown name ends here, naming the known ones
         meta = cls(model=model, model_args=obj.get("model_args", {}), class_names=list(names),
                    normalization=Normalization(float(mean), float(std)), tta=obj.get("tta", False),
                    config=obj.get("config", {}), steps=obj.get("steps", 0),
                    train_seconds=obj.get("train_seconds", 0.0), metrics=obj.get("metrics", {}),
+                   calibration=obj.get("calibration", {}),
                    format=fmt, version=str(obj.get("version", "")), input=obj.get("input", dict(INPUT)))
         meta.check_network(where)
         return meta
@@ -224,6 +238,8 @@ class RunDir:
     metrics_path = property(lambda self: self.path / METRICS_FILE)
     weights_path = property(lambda self: self.path / WEIGHTS_FILE)
     meta_path = property(lambda self: self.path / META_FILE)
+    ood_path = property(lambda self: self.path / OOD_FILE)
+    reliability_path = property(lambda self: self.path / RELIABILITY_FILE)
     last_state = property(lambda self: self.path / LAST_STATE)
     best_state = property(lambda self: self.path / BEST_STATE)
     tensorboard_dir = property(lambda self: self.path / TENSORBOARD_DIR)

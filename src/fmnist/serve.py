@@ -69,11 +69,16 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    async def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Class probabilities of one prepared uint8 (28, 28) image."""
+    async def assess(self, image: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Class probabilities and out-of-distribution score (None for a run not calibrated) of
+        one prepared uint8 (28, 28) image."""
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((image, future))
         return await future
+
+    async def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities of one prepared uint8 (28, 28) image."""
+        return (await self.assess(image))[0]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -83,7 +88,7 @@ class Batcher:
                 items.append(self.queue.get_nowait())
             batch = np.stack([image for image, _ in items])
             try:
-                rows = await loop.run_in_executor(self.executor, self.predictor.probabilities, batch)
+                rows, scores = await loop.run_in_executor(self.executor, self.predictor.assess, batch)
             except Exception as e:  # the model failing fails its requests, not the service
                 log.exception("model failed on a batch of %d", len(items))
                 for _, future in items:
@@ -92,9 +97,10 @@ class Batcher:
                 continue
             self.batches += 1
             self.images += len(items)
-            for (_, future), row in zip(items, rows, strict=True):
+            scores = [None] * len(items) if scores is None else scores
+            for (_, future), row, score in zip(items, rows, scores, strict=True):
                 if not future.done():  # its client may have gone
-                    future.set_result(row)
+                    future.set_result((row, score))
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -235,7 +241,10 @@ def upload_openapi(num_classes: int) -> dict:
              "model saw, as a PNG data URL (default false)", "schema": {"type": "boolean"}},
         ],
         "responses": {
-            "200": {"description": "the most probable classes, most probable first"},
+            "200": {"description": "the most probable classes, most probable first (probabilities "
+                    "tempered by the run's calibration); `ood_score` (higher: less like Fashion-MNIST) "
+                    "and `in_distribution` (false: this does not look like clothing), null for a run "
+                    "not calibrated"},
             "400": {"description": "empty, truncated or corrupt image, malformed upload"},
             "413": {"description": "body over the size limit or image over the pixel limit"},
             "415": {"description": "not an image, or a format other than PNG/JPEG/WebP/BMP/GIF"},
@@ -320,8 +329,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         return await read_upload(request, config, decoder, len(predictor.class_names))
 
     async def prediction(prepared: np.ndarray, top_k: int, want_input: bool) -> dict[str, Any]:
-        row = await batcher.probabilities(prepared)
-        result: dict[str, Any] = {"top": predictor.top(row[None], top_k)[0]}
+        row, score = await batcher.assess(prepared)
+        scores = None if score is None else np.asarray([score])
+        result: dict[str, Any] = predictor.describe(row[None], scores, top_k)[0]
         if want_input:
             result["input"] = "data:image/png;base64," + base64.b64encode(input_png(prepared)).decode()
         return result
@@ -389,6 +399,30 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server cannot listen on (a port in use, a host that is not this
+    machine's) in one line, before the model loads and uvicorn logs its start-up."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise FmnistError(f"cannot serve on {host}:{port}: unknown host ({e.strerror}); "
+                          "give --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    hints = {errno.EADDRINUSE: "; another program listens there: choose another --port",
+             errno.EACCES: "; ports below 1024 need privileges: choose another --port",
+             errno.EADDRNOTAVAIL: "; not an address of this machine: choose another --host"}
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = (e.strerror or str(e)).lower()
+            raise FmnistError(f"cannot serve on {host}:{port}: {reason}{hints.get(e.errno, '')}") from None
+
+
 def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None:
     """Load the run's model and serve it until interrupted."""
     config = config or ServeConfig()
@@ -400,6 +434,7 @@ def serve(run_dir: str | os.PathLike, config: ServeConfig | None = None) -> None
     import torch
 
     config.validate()
+    check_address(config.host, config.port)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     predictor = load_model(run_dir)

@@ -27,6 +27,7 @@ from torch import nn
 
 from fmnist import FmnistError
 from fmnist.augment import Augment
+from fmnist.calibrate import calibrate, save_calibration
 from fmnist.checkpoint import CheckpointSaver, save_model
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
 from fmnist.data import CLASS_NAMES, BatchSampler, Normalization, load_splits
@@ -320,11 +321,12 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                                   "val_accuracy": val_result.accuracy if val_result else None})
         if ctx.is_main:
             save_model(run, learner.final, meta)
+            calibrate_model(run, learner.final, meta, data, log)
         # After model.json: a run killed before this point resumes from its previous checkpoint
         # and trains its last steps again.
         saver.finish(steps, meta.metrics["val_accuracy"], train_seconds)
         if ctx.is_main and cfg.plots:
-            write_run_plots(run, data, test_result, metrics, steps)
+            write_run_plots(run, data, test_result, metrics, steps, meta)
             log(f"plots written to {run}")
     finally:
         saver.wait()
@@ -332,14 +334,31 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     return TrainResult(run.path, test_result, val_result, steps, train_seconds, learner.final)
 
 
-def write_run_plots(run: RunDir, data: dict, test_result: Evaluation, metrics: Metrics, step: int) -> None:
+def calibrate_model(run: RunDir, model: torch.nn.Module, meta: ModelMeta, data: dict, log) -> None:
+    """The temperature and the out-of-distribution detector, fitted on the validation split
+    (fmnist.calibrate); a run without one stays uncalibrated, and says so."""
+    if not len(data["val"]):
+        log("not calibrated: no validation split (--val-size 0); probabilities are the raw softmax")
+        return
+    entry, detector = calibrate(model, meta, data["train"], data["val"])
+    save_calibration(run, meta, entry, detector)
+    figures = entry["validation"]
+    log(f"calibrated on the validation split: temperature {entry['temperature']:.3f}, "
+        f"ECE {figures['ece']:.2%} -> {figures['ece_calibrated']:.2%}")
+
+
+def write_run_plots(run: RunDir, data: dict, test_result: Evaluation, metrics: Metrics, step: int,
+                    meta: ModelMeta) -> None:
     """The run's plots as PNG files, and as images in the metrics sinks that take them."""
     from PIL import Image
 
-    from fmnist.plots import write_plots
+    from fmnist.plots import plot_reliability, write_plots
 
     paths = write_plots(run, data["train"].raw, data["train"].labels.cpu(), data["test"].raw,
                         data["test"].labels.cpu(), test_result, CLASS_NAMES)
+    if meta.calibration:
+        plot_reliability(test_result.logits, data["test"].labels.cpu(), meta.temperature, run.reliability_path)
+        paths.append(run.reliability_path)
     for path in paths if metrics.takes_images else []:  # read back only for a sink that keeps images
         with Image.open(path) as picture:
             metrics.image(f"plots/{path.stem}", np.asarray(picture.convert("RGB")), step)

@@ -53,6 +53,11 @@ async function explain(blob, name, picture) {
   }
 }
 
+// A file the browser cannot show (a rejected upload) hides the preview instead of a broken icon.
+for (const img of [$("preview"), $("model-input")]) {
+  img.addEventListener("error", () => img.removeAttribute("src"));
+}
+
 async function classify(blob, name) {
   const picture = ++latest;
   $("explanation-box").hidden = true;
@@ -74,7 +79,13 @@ async function classify(blob, name) {
     }
     $("model-input").src = body.input;
     showPredictions(body.top);
-    setStatus(`${name}: ${body.top[0].label}`);
+    $("predictions").classList.toggle("doubtful", body.in_distribution === false);
+    if (body.in_distribution === false) {
+      setStatus(`${name} does not look like clothing (out-of-distribution score ${body.ood_score.toFixed(2)}): ` +
+                "the bars below are the model's guess all the same.", true);
+    } else {
+      setStatus(`${name}: ${body.top[0].label}`);
+    }
     explain(blob, name, picture);
   } catch (err) {
     setStatus(`Cannot reach the service: ${err}`, true);

@@ -1,0 +1,239 @@
+"""How well each run's out-of-distribution score tells Fashion-MNIST from images that are not
+clothing, against the maximum softmax probability and the energy score, side by side.
+
+    python bench/ood.py --runs runs/post runs/cpu-fast
+    python bench/ood.py --runs runs/post --save-examples /tmp/ood-examples.png
+
+Per set and method: AUROC (Fashion-MNIST test images against the set) and the share of the set
+flagged at the threshold that lets 95% of the *validation* images pass (what a run stores), and
+the share of test images that pass at it. The sets are built here from data that installs with
+the project's benchmark requirements (scikit-learn's digits and sample photographs) and drawn
+with Pillow, each from a fixed seed:
+
+  digits   scikit-learn's 1,797 handwritten digits, 8x8 upscaled to 28x28
+  noise    uniform, Gaussian, salt-and-pepper and blocky noise
+  blank    64 plain canvases, black to white
+  text     words and characters in Pillow's default font
+  shapes   outlines of rectangles, ellipses, triangles and lines
+  faces    smiley faces, line drawings
+  scenes   grey patches of scikit-learn's two sample photographs
+  inverted Fashion-MNIST test images, dark on light (a picture prepared without its background removed)
+
+With `--photos N`, also the other side of the coin: N photographs of test images per condition
+of bench/photos.py (uneven light, textures, shadows, ...), prepared as `fmnist predict` prepares
+pictures, and the share of them the score lets pass as clothing.
+
+Needs scikit-learn (`pip install -e '.[explain]'` brings it) and, for --photos, OpenCV.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from fmnist.calibrate import logits_and_features
+from fmnist.data import load_split, to_tensor
+from fmnist.predict import load_model
+
+SIZE = 28
+
+
+def resize(a: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((SIZE, SIZE), Image.BILINEAR))
+
+
+def digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return np.stack([resize((im * (255 / 16)).astype(np.uint8)) for im in load_digits().images])
+
+
+def noise(n: int, rng) -> np.ndarray:
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a = rng.integers(0, 256, (SIZE, SIZE))
+        elif kind == 1:
+            a = np.clip(rng.normal(128, 64, (SIZE, SIZE)), 0, 255)
+        elif kind == 2:
+            a = (rng.random((SIZE, SIZE)) < rng.uniform(0.05, 0.5)) * 255
+        else:
+            a = resize(rng.integers(0, 256, (7, 7)).astype(np.uint8))
+        out.append(np.asarray(a, dtype=np.uint8))
+    return np.stack(out)
+
+
+def blank(n: int, rng) -> np.ndarray:
+    return np.stack([np.full((SIZE, SIZE), v, np.uint8) for v in np.linspace(0, 255, n).astype(int)])
+
+
+WORDS = ["HELLO", "fmnist", "42", "CAT", "abc", "Zalando", "OK", "?", "A", "xy", "DOG", "777", "hi", "SALE", "%", "&"]
+LETTERS = list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def text(n: int, rng) -> np.ndarray:
+    out = []
+    font = ImageFont.load_default(size=40)
+    for i in range(n):
+        word = WORDS[i] if i < len(WORDS) else "".join(rng.choice(LETTERS, rng.integers(1, 6)))
+        left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
+        w, h = right - left, bottom - top
+        side = int(max(w, h) * rng.uniform(1.1, 1.6)) + 2
+        img = Image.new("L", (side, side), 0)
+        ImageDraw.Draw(img).text(((side - w) / 2 - left, (side - h) / 2 - top), word,
+                                 fill=int(rng.integers(150, 256)), font=font)
+        out.append(resize(np.asarray(img)))
+    return np.stack(out)
+
+
+def shapes(n: int, rng) -> np.ndarray:
+    out = []
+    for _ in range(n):
+        img = Image.new("L", (112, 112), 0)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(1, 4)):
+            x0, y0 = rng.integers(5, 60, 2)
+            x1, y1 = x0 + rng.integers(20, 50), y0 + rng.integers(20, 50)
+            fill, width = int(rng.integers(100, 256)), int(rng.integers(2, 10))
+            kind = rng.integers(0, 4)
+            if kind == 0:
+                draw.ellipse([x0, y0, x1, y1], outline=fill, width=width)
+            elif kind == 1:
+                draw.rectangle([x0, y0, x1, y1], outline=fill, width=width)
+            elif kind == 2:
+                draw.line([x0, y0, x1, y1], fill=fill, width=width)
+            else:
+                draw.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], outline=fill, width=width)
+        out.append(resize(np.asarray(img)))
+    return np.stack(out)
+
+
+def faces(n: int, rng) -> np.ndarray:
+    out = []
+    for _ in range(n):
+        img = Image.new("L", (112, 112), 0)
+        draw = ImageDraw.Draw(img)
+        (cx, cy), r = rng.integers(45, 67, 2), int(rng.integers(30, 45))
+        width, fill = int(rng.integers(2, 7)), int(rng.integers(150, 256))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
+        e = r // 3
+        for side in (-1, 1):
+            draw.ellipse([cx + side * e - 4, cy - e - 4, cx + side * e + 4, cy - e + 4], fill=fill)
+        draw.arc([cx - e - 5, cy, cx + e + 5, cy + e + 8], 20, 160, fill=fill, width=width)
+        out.append(resize(np.asarray(img)))
+    return np.stack(out)
+
+
+def scenes(n: int, rng) -> np.ndarray:
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(Image.fromarray(im).convert("L")) for im in load_sample_images().images]
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        s = int(rng.integers(40, 200))
+        y, x = rng.integers(0, im.shape[0] - s), rng.integers(0, im.shape[1] - s)
+        out.append(resize(im[y : y + s, x : x + s]))
+    return np.stack(out)
+
+
+def build_sets(test_images: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"digits": digits(), "noise": noise(n, rng), "blank": blank(64, rng), "text": text(n, rng),
+            "shapes": shapes(n, rng), "faces": faces(200, rng), "scenes": scenes(n, rng),
+            "inverted": 255 - test_images[rng.choice(len(test_images), n, replace=False)]}
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """The chance that an outside image scores higher than an inside one (ties count half)."""
+    scores = np.concatenate([inside, outside])
+    ranks = np.empty(len(scores))
+    order = np.argsort(scores, kind="stable")
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores[np.diff(np.sort(scores), prepend=np.nan) == 0]):  # average tied ranks
+        ranks[scores == value] = ranks[scores == value].mean()
+    n_in, n_out = len(inside), len(outside)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def method_scores(predictor, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Each method's score (higher: less like Fashion-MNIST) for uint8 images."""
+    x = to_tensor(images, predictor.mean, predictor.std)
+    logits, features = logits_and_features(predictor.model, x, predictor.meta.tta)
+    logits = logits / predictor.temperature
+    scores = {"max softmax": -logits.softmax(1).amax(1).numpy(), "energy": -torch.logsumexp(logits, 1).numpy()}
+    if predictor.detector is not None:
+        scores["fmnist (kNN)"] = predictor.detector.score(torch.as_tensor(images), features).numpy()
+    return scores
+
+
+def report(run: str, sets: dict[str, np.ndarray], val_images: np.ndarray, test_images: np.ndarray) -> None:
+    predictor = load_model(run)
+    if predictor.detector is None:
+        print(f"{run}: not calibrated; run `fmnist calibrate --model {run}` first\n")
+    val, test = method_scores(predictor, val_images), method_scores(predictor, test_images)
+    outside = {name: method_scores(predictor, images) for name, images in sets.items()}
+    acc = predictor.meta.test_accuracy
+    print(f"## {run} ({predictor.meta.model}, test accuracy {acc:.4f})\n" if acc else f"## {run}\n")
+    print("| method | test passing | " + " | ".join(sets) + " |")
+    print("|---|---:|" + "---:|" * len(sets))
+    for method in val:
+        threshold = np.quantile(val[method], 0.95)
+        cells = [f"{auroc(test[method], outside[s][method]):.3f} / {np.mean(outside[s][method] > threshold):.0%}"
+                 for s in sets]
+        print(f"| {method} | {np.mean(test[method] <= threshold):.1%} | " + " | ".join(cells) + " |")
+    print("\ncells: AUROC against the test set / share flagged at the 95%-of-validation threshold\n")
+
+
+def photo_pass_rates(runs: list[str], n: int) -> None:
+    """The share of prepared clothing photos each run's score lets pass, per photo condition."""
+    from photos import CONDITIONS, render_condition
+
+    images, labels = load_split("test")
+    renders = [render_condition(c, images, labels, n, seed=0) for c in CONDITIONS if c != "all"]
+    print(f"## clothing photos passing ({n} per condition, pictures with no object found left out)\n")
+    print("| run | " + " | ".join(r.condition for r in renders) + " |")
+    print("|---|" + "---:|" * len(renders))
+    for run in runs:
+        predictor = load_model(run)
+        cells = []
+        for r in renders:
+            found = r.new[~r.no_object]
+            _, scores = predictor.assess(found)
+            cells.append("-" if scores is None else f"{np.mean(scores <= predictor.detector.threshold):.0%}")
+        print(f"| {run} | " + " | ".join(cells) + " |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders to measure")
+    parser.add_argument("--per-set", type=int, default=1000, help="images per drawn set (default: 1000)")
+    parser.add_argument("--save-examples", metavar="PNG", help="write the first 12 images of each set as one PNG")
+    parser.add_argument("--photos", type=int, default=0, metavar="N",
+                        help="also N clothing photos per condition of bench/photos.py (default: 0, none)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    train_images, _ = load_split("train")
+    test_images, _ = load_split("test")
+    sets = build_sets(test_images, args.per_set)
+    print("sets: " + ", ".join(f"{name} {len(images)}" for name, images in sets.items()) + "\n")
+    if args.save_examples:
+        grid = np.concatenate([np.concatenate(list(images[:12]), 1) for images in sets.values()], 0)
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(args.save_examples)
+        print(f"examples written to {args.save_examples}\n")
+    for run in args.runs:
+        meta = load_model(run).meta
+        val_size = meta.config.get("val_size", 5000)
+        report(str(Path(run)), sets, train_images[:val_size], test_images)
+    if args.photos:
+        photo_pass_rates(args.runs, args.photos)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Calibration (temperature, expected calibration error) and the out-of-distribution score:
+the figures against hand-made cases, a calibrated run end to end on synthetic data, and on the
+real data the flag against inputs that are not clothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import fmnist_cli, quiet, small_config
+
+from fmnist import FmnistError
+from fmnist.calibrate import (
+    OodDetector,
+    expected_calibration_error,
+    fit_temperature,
+    kth_distance,
+    logits_and_features,
+    reliability,
+)
+from fmnist.data import load_split, to_tensor
+from fmnist.predict import load_model
+from fmnist.run import RunDir
+from fmnist.train import train
+
+# ----------------------------------------------------------------------------- the figures
+
+
+def test_ece_of_hand_made_predictions():
+    # 10 predictions 80% sure, 8 right: perfectly calibrated.
+    p = torch.tensor([[0.8, 0.2]] * 10)
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    assert expected_calibration_error(p, labels) == pytest.approx(0.0, abs=1e-6)
+    # 90% sure, half right: a gap of 0.4 everywhere.
+    p = torch.tensor([[0.9, 0.1]] * 10)
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    assert expected_calibration_error(p, labels) == pytest.approx(0.4, abs=1e-6)
+    # Two bins of equal weight, gaps 0.1 and 0.3: their mean.
+    p = torch.tensor([[0.6, 0.4]] * 10 + [[0.95, 0.05]] * 10)
+    labels = torch.tensor([0] * 5 + [1] * 5 + [0] * 10)
+    assert expected_calibration_error(p, labels) == pytest.approx((0.1 + 0.05) / 2, abs=1e-6)
+    bins = reliability(p, labels)
+    assert sum(bins["count"]) == 20 and len(bins["centers"]) == 15
+    assert [a for a in bins["accuracy"] if a is not None] == pytest.approx([0.5, 1.0])
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_with():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 10, generator=g) * 3
+    for true_t in (0.5, 2.0):
+        labels = torch.multinomial((logits / true_t).softmax(1), 1, generator=g).squeeze(1)
+        assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
+
+
+def test_kth_distance_is_the_cosine_distance_to_the_kth_neighbour():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
+    queries = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    first = kth_distance(queries, bank, 1)
+    assert first[0] == pytest.approx(0.0, abs=1e-6)
+    assert first[1] == pytest.approx(1.0, abs=1e-6)  # a zero image is like nothing
+    assert kth_distance(queries, bank, 3)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- a calibrated run
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory, shared_synthetic_dir):
+    out = tmp_path_factory.mktemp("runs") / "calibrated"
+    train(small_config(shared_synthetic_dir, out, steps=30), progress=False, log=quiet)
+    return out
+
+
+def test_training_calibrates_the_model(calibrated_run):
+    meta = RunDir(calibrated_run).read_meta()
+    c = meta.calibration
+    assert 0.05 <= c["temperature"] <= 20 and meta.temperature == c["temperature"]
+    assert set(c["validation"]) == {"ece", "nll", "ece_calibrated", "nll_calibrated"}
+    assert c["validation"]["nll_calibrated"] <= c["validation"]["nll"] + 1e-6  # the fit minimises it
+    assert RunDir(calibrated_run).ood_path.is_file()
+    assert c["ood"]["pass_rate"] == 0.95
+
+
+def test_predictions_carry_the_flag_and_tempered_probabilities(calibrated_run, shared_synthetic_dir):
+    predictor = load_model(calibrated_run)
+    images, _ = load_split("test", shared_synthetic_dir)
+    result = predictor.predict(images[:20], top_k=10)["predictions"]
+    assert all(set(p) == {"file", "top", "ood_score", "in_distribution"} for p in result)
+    assert all(p["in_distribution"] == (p["ood_score"] <= predictor.detector.threshold) for p in result)
+    logits = predictor.model(to_tensor(images[:20], predictor.mean, predictor.std)).detach()
+    expected = (logits / predictor.temperature).softmax(1).numpy()
+    got = np.array([[t["probability"] for t in sorted(p["top"], key=lambda t: t["index"])] for p in result])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # Noise and a blank canvas are nothing like the training images.
+    odd = np.stack([np.random.default_rng(0).integers(0, 256, (28, 28)), np.zeros((28, 28))]).astype(np.uint8)
+    assert [p["in_distribution"] for p in predictor.predict(odd)["predictions"]] == [False, False]
+
+
+def test_about_95_percent_of_validation_images_pass(calibrated_run, shared_synthetic_dir):
+    predictor = load_model(calibrated_run)
+    images, _ = load_split("train", shared_synthetic_dir)
+    _, scores = predictor.assess(images[:64])  # the validation split of small_config
+    assert np.mean(scores <= predictor.detector.threshold) == pytest.approx(0.95, abs=0.02)
+
+
+def test_calibrate_command_refits_an_uncalibrated_run(calibrated_run, shared_synthetic_dir, tmp_path):
+    import shutil
+
+    run = shutil.copytree(calibrated_run, tmp_path / "old")
+    meta = json.loads((run / "model.json").read_text())
+    del meta["calibration"]
+    (run / "model.json").write_text(json.dumps(meta))
+    (run / "ood.safetensors").unlink()
+    old = load_model(run).predict(np.zeros((1, 28, 28), np.uint8))["predictions"][0]
+    assert old["ood_score"] is None and old["in_distribution"] is None
+
+    result = fmnist_cli("calibrate", "--model", run, "--data-dir", shared_synthetic_dir)
+    assert result.returncode == 0, result.stderr
+    assert "temperature" in result.stdout and "threshold" in result.stdout
+    refit, fitted = RunDir(run).read_meta().calibration, RunDir(calibrated_run).read_meta().calibration
+    assert refit["temperature"] == pytest.approx(fitted["temperature"], rel=0.05)
+    assert refit["ood"]["threshold"] == pytest.approx(fitted["ood"]["threshold"], rel=0.05)
+    new = load_model(run).predict(np.zeros((1, 28, 28), np.uint8))["predictions"][0]
+    assert new["in_distribution"] is False
+
+
+def test_calibrate_refuses_a_run_without_validation_split(shared_synthetic_dir, tmp_path):
+    out = tmp_path / "noval"
+    logs = []
+    train(small_config(shared_synthetic_dir, out, val_size=0), progress=False, log=logs.append)
+    assert any("not calibrated" in line for line in logs)
+    assert RunDir(out).read_meta().calibration == {}
+    result = fmnist_cli("calibrate", "--model", out, "--data-dir", shared_synthetic_dir)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "validation split" in result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["calibration"].update(temperature=-1), "temperature"),
+    (lambda m: m["calibration"].update(temperature="hot"), "temperature"),
+    (lambda m: m["calibration"]["ood"].update(detectors=[]), "out-of-distribution"),
+])
+def test_malformed_calibration_is_one_clear_error(calibrated_run, tmp_path, change, message):
+    import shutil
+
+    run = shutil.copytree(calibrated_run, tmp_path / "bad")
+    meta = json.loads((run / "model.json").read_text())
+    change(meta)
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(FmnistError, match=message):
+        load_model(run)
+
+
+def test_missing_or_corrupt_bank_is_one_clear_error(calibrated_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(calibrated_run, tmp_path / "bank")
+    (run / "ood.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(FmnistError, match="not a valid safetensors"):
+        load_model(run)
+    (run / "ood.safetensors").unlink()
+    with pytest.raises(FmnistError, match="fmnist calibrate"):
+        load_model(run)
+
+
+def test_evaluate_reports_calibration_and_draws_the_reliability_diagram(calibrated_run, shared_synthetic_dir, tmp_path):
+    import shutil
+
+    run = shutil.copytree(calibrated_run, tmp_path / "eval")
+    result = fmnist_cli("evaluate", "--model", run, "--json", "--data-dir", shared_synthetic_dir)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for key in ("ece", "nll", "ece_uncalibrated", "nll_uncalibrated", "temperature"):
+        assert isinstance(figures[key], float)
+    assert figures["temperature"] == RunDir(run).read_meta().temperature
+    assert (run / "reliability.png").stat().st_size > 10_000
+
+
+def test_onnx_probabilities_are_tempered(calibrated_run, tmp_path, shared_synthetic_dir):
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from fmnist.export import export_onnx, onnx_session
+
+    run = shutil.copytree(calibrated_run, tmp_path / "onnx")
+    meta = json.loads((run / "model.json").read_text())
+    meta["calibration"]["temperature"] = 2.5  # far from 1, so that a missing division shows
+    (run / "model.json").write_text(json.dumps(meta))
+    path = export_onnx(run, tmp_path / "m.onnx", data_dir=shared_synthetic_dir)
+    images, _ = load_split("test", shared_synthetic_dir)
+    session = onnx_session(path)
+    logits, probabilities = session.run(None, {session.get_inputs()[0].name: images[:16, None].astype(np.float32)})
+    np.testing.assert_allclose(probabilities, torch.tensor(logits / 2.5).softmax(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(probabilities, load_model(run).probabilities(images[:16]), atol=1e-4)
+
+
+def test_detector_round_trips_through_its_saved_form(calibrated_run, shared_synthetic_dir):
+    predictor = load_model(calibrated_run)
+    d = predictor.detector
+    again = OodDetector.from_saved(d.tensors(), d.to_json(), "test")
+    images, _ = load_split("test", shared_synthetic_dir)
+    _, features = logits_and_features(predictor.model, to_tensor(images, predictor.mean, predictor.std))
+    raw = torch.as_tensor(images)
+    torch.testing.assert_close(again.score(raw, features), d.score(raw, features), atol=2e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_real_model_is_calibrated_and_flags_what_is_not_clothing(trained_run, data_dir):
+    predictor = load_model(trained_run)
+    test_images, _ = load_split("test", data_dir)
+    _, scores = predictor.assess(test_images[:2000])
+    passing = np.mean(scores <= predictor.detector.threshold)
+    assert 0.92 <= passing <= 0.98, passing
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (100, 28, 28)).astype(np.uint8)
+    blank = np.repeat(np.linspace(0, 255, 20).astype(np.uint8)[:, None, None], 28, 1).repeat(28, 2)
+    inverted = 255 - test_images[:200]  # dark on light: a picture prepared without its background removed
+    for name, images in (("noise", noise), ("blank", blank), ("inverted", inverted)):
+        _, scores = predictor.assess(images)
+        assert np.mean(scores > predictor.detector.threshold) >= 0.95, name
+
+
+def test_predict_command_says_when_a_picture_is_not_clothing(trained_run, tmp_path):
+    path = tmp_path / "noise.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (2, 28, 28)).astype(np.uint8))
+    result = fmnist_cli("predict", "--model", trained_run, path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("does not look like clothing") == 2
+    result = fmnist_cli("predict", "--model", trained_run, path, "--json")
+    assert [p["in_distribution"] for p in json.loads(result.stdout)["predictions"]] == [False, False]
