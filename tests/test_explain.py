@@ -184,7 +184,7 @@ def test_explain_command_json_for_files_and_default_folder(synthetic, tmp_path, 
         [f"{tmp_path / 'batch.npy'}[{i}]" for i in range(2)]
     expected = attribute(load_model(run), images, "gradcam", target="Dress")
     for entry, heatmap, label in zip(result["images"], expected, labels, strict=True):
-        assert entry["target"] == "Dress"
+        assert entry["target"] == "Dress" and isinstance(entry["in_distribution"], bool)  # as predict says
         assert entry["top"][0]["label"] == CLASS_NAMES[label] and len(entry["top"]) == 2
         np.testing.assert_allclose(entry["heatmap"], heatmap, rtol=1e-3, atol=1e-6)
     explain_dir = RunDir(run_copy).explain_dir

@@ -460,18 +460,21 @@ def sample_test_images(predicted: np.ndarray, labels: np.ndarray, count: int, se
 
 def explain_images(predictor: Predictor, names: Sequence[str], images: np.ndarray, out: Path, method: str = "ig",
                    target=None, top_k: int = 3, titles: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Write `<stem>-<method>.png` per image into `out`; per image: its file name, top classes,
-    the class explained, its heatmap (28x28 numbers) and the PNG's path."""
+    """Write `<stem>-<method>.png` per image into `out`; per image: its file name, top classes
+    and out-of-distribution fields (as `predict`), the class explained, its heatmap (28x28
+    numbers) and the PNG's path."""
     targets = targets_for(predictor, images, target)
     heatmaps = attribute(predictor, images, method, targets)
-    tops = predictor.top(predictor.probabilities(images), top_k)
+    described = predictor.describe(*predictor.assess(images), top_k)  # as `predict` answers
     entries = []
     for i, stem in enumerate(file_stems(names)):
         label = predictor.class_names[targets[i]]
         path = out / f"{stem}-{method}.png"
         title = titles[i] if titles else names[i]
-        plot_explanation(images[i], heatmaps[i], tops[i], title, label, method, path)
-        entries.append({"file": names[i], "top": tops[i], "target": label, "heatmap": heatmap_json(heatmaps[i]),
+        if described[i]["in_distribution"] is False:
+            title += " (does not look like clothing)"
+        plot_explanation(images[i], heatmaps[i], described[i]["top"], title, label, method, path)
+        entries.append({"file": names[i], **described[i], "target": label, "heatmap": heatmap_json(heatmaps[i]),
                         "png": str(path)})
     return entries
 
