@@ -60,6 +60,22 @@ def quiet(*_) -> None:
     """A `log` that says nothing."""
 
 
+def untrained_run(directory: Path, model: str = "post") -> RunDir:
+    """A run folder holding a freshly initialised network as its model: for tests of the
+    machinery around a model (serving, loading) that need no accuracy and no data."""
+    from fmnist.checkpoint import save_model
+    from fmnist.data import CLASS_NAMES, Normalization
+    from fmnist.run import ModelMeta
+
+    torch.manual_seed(0)
+    meta = ModelMeta(model, {"keep_prob": 0.75} if model.startswith("post") else {}, list(CLASS_NAMES),
+                     Normalization())
+    run = RunDir(directory)
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_model(run, meta.build(), meta)
+    return run
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -143,15 +159,96 @@ def png(image: np.ndarray) -> bytes:
 
 def bomb_png(side: int = 30_000) -> bytes:
     """A real side x side 1-bit PNG of zeros: about 110 KB that decode to ~900 megapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
+    chunk = png_chunk
     compressor = zlib.compressobj(9)
     row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
     idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _small_picture(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# Crafted files that cost a decoder time per byte rather than per pixel, padded to `size` bytes.
+
+def png_of_private_chunks(size: int) -> bytes:
+    """A 28x28 PNG with empty private chunks between its header and its pixels."""
+    picture, empty = _small_picture("PNG"), png_chunk(b"prVt", b"")
+    header = 8 + 25  # signature, IHDR
+    return picture[:header] + empty * ((size - len(picture)) // len(empty)) + picture[header:]
+
+
+def jpeg_of_empty_segments(size: int) -> bytes:
+    """A 28x28 JPEG with empty APP1 segments before its frame header."""
+    picture = _small_picture("JPEG")
+    return picture[:2] + b"\xff\xe1\x00\x02" * ((size - len(picture)) // 4) + picture[2:]
+
+
+def bmp_rle_noops(size: int, side: int = 16) -> bytes:
+    """A side x side 8-bit RLE BMP whose pixel data is end-of-line codes that draw nothing."""
+    pixels = b"\x00\x00" * ((size - 54 - 1024 - 2) // 2) + b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+
+def multipart_of_parts(size: int, boundary: str) -> bytes:
+    """A multipart body of tiny fields, as many as fit in `size` bytes."""
+    part, end = f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\r\n".encode(), f"--{boundary}--\r\n".encode()
+    return part * ((size - len(end)) // len(part)) + end
+
+
+def picture_bytes():
+    """A Hypothesis strategy for files a user might upload, honest or not: small pictures of any
+    mode and size in each supported format (and TIFF), then truncated, with bytes flipped or
+    garbage inserted; and plain random bytes."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def picture(draw) -> bytes:
+        mode = draw(st.sampled_from(["L", "RGB", "RGBA", "P", "1", "LA", "I;16"]))
+        fmt = draw(st.sampled_from(["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]))
+        width, height = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+        seed = draw(st.integers(0, 2**32 - 1))
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA")
+        image = image.convert("RGB").convert("P") if mode == "P" else image.convert(mode if mode != "I;16" else "I")
+        if mode == "I;16":
+            image = image.convert("I;16")
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format=fmt)
+        except (OSError, ValueError, KeyError):  # a mode this format cannot hold
+            image.convert("RGB").save(buffer, format=fmt if fmt != "GIF" else "PNG")
+        return buffer.getvalue()
+
+    @st.composite
+    def spoiled(draw) -> bytes:
+        data = bytearray(draw(picture()))
+        for _ in range(draw(st.integers(0, 4))):
+            at = draw(st.integers(0, len(data) - 1))
+            change = draw(st.sampled_from(["flip", "cut", "insert"]))
+            if change == "flip":
+                data[at] ^= draw(st.integers(1, 255))
+            elif change == "cut":
+                del data[at:]
+                if not data:
+                    break
+            else:
+                data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        return bytes(data)
+
+    return st.one_of(picture(), spoiled(), st.binary(max_size=512))
 
 
 # ----------------------------------------------------------------------------- processes on ports

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from helpers import png, running_server  # noqa: E402
+from helpers import png, running_server, untrained_run  # noqa: E402
 
 from fmnist.data import load_split  # noqa: E402
 from fmnist.predict import load_model  # noqa: E402
@@ -21,11 +21,19 @@ CHROMIUM = os.environ.get("FMNIST_CHROMIUM", shutil.which("chromium") or "/usr/b
 
 
 @pytest.fixture(scope="module")
-def page(trained_run):
+def browser():
+    """One headless Chromium for the module's pages (Playwright's sync API runs one at a time)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with running_server(trained_run) as (host, port, _), sync_api.sync_playwright() as p:
+    with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, trained_run):
+    with running_server(trained_run) as (host, port, _):
         page = browser.new_page()
         external = []  # requests leaving the service: a CDN, fonts...
 
@@ -37,7 +45,7 @@ def page(trained_run):
         page.goto(f"http://{host}:{port}/")
         page.external_requests = external
         yield page
-        browser.close()
+        page.close()
 
 
 def confident_test_image(trained_run, data_dir) -> tuple[np.ndarray, str]:
@@ -127,12 +135,9 @@ def test_a_picture_that_is_not_clothing_is_called_so(page, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_page(tiny_run):
+def tiny_page(browser, tiny_run):
     """The page of a service of the tiny run, with every response that failed recorded."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with running_server(tiny_run) as (host, port, _), sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    with running_server(tiny_run) as (host, port, _):
         page = browser.new_page()
         failed = []
         page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
@@ -141,7 +146,7 @@ def tiny_page(tiny_run):
         page.wait_for_load_state("networkidle")
         page.failed = failed
         yield page
-        browser.close()
+        page.close()
 
 
 def test_page_has_its_own_icon_and_no_failed_request(tiny_page):
@@ -170,3 +175,26 @@ def test_a_rejected_file_leaves_no_broken_image(tiny_page, tmp_path):
     sync_api.expect(tiny_page.locator("#preview")).to_be_hidden()
     sync_api.expect(tiny_page.locator("#model-input")).to_be_hidden()
     assert tiny_page.get_attribute("#preview", "src") is None
+
+
+def test_page_with_an_api_key_asks_for_it_once(browser, tmp_path):
+    """A service with --api-key: the page asks for the key on its first 401 and classifies; its
+    Content-Security-Policy lets the page do all it does (no violation in the console)."""
+    key = "browser-key-0123456789abcdef"
+    run = untrained_run(tmp_path / "untrained")
+    with running_server(run.path, "--api-key", key) as (host, port, _):
+        page = browser.new_page()
+        prompts, console = [], []
+        page.on("dialog", lambda dialog: (prompts.append(dialog.message), dialog.accept(key)))
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(f"http://{host}:{port}/")
+        path = tmp_path / "item.png"
+        path.write_bytes(png(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)))
+        page.set_input_files("#file-input", str(path))
+        sync_api.expect(page.locator("#status")).to_contain_text("item.png", timeout=20_000)
+        sync_api.expect(page.locator("#predictions li")).to_have_count(5, timeout=20_000)
+        page.set_input_files("#file-input", str(path))  # the key is kept: no second question
+        sync_api.expect(page.locator("#predictions li")).to_have_count(5, timeout=20_000)
+        page.close()
+    assert prompts == ["This service needs an API key:"]
+    assert not [m for m in console if "Content Security Policy" in m], console

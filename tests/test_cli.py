@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fmnist_cli
+from helpers import fmnist_cli, losses_written
 
 from fmnist.cli import main
 from fmnist.presets import PRESETS
@@ -61,6 +62,67 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         if expected:
             assert expected in result.stderr
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def folder_state(folder: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_train_refuses_a_folder_that_is_not_empty_and_changes_nothing(synthetic_dir, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")
+    before = folder_state(out)
+    result = fmnist_cli("train", "--data-dir", synthetic_dir, "--steps", "2", "--val-size", "64", "--out", out,
+                        "--quiet")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{out}: is not empty; choose another --out" in result.stderr
+    assert folder_state(out) == before
+
+
+def test_a_second_process_cannot_train_a_run_being_trained(shared_synthetic_dir, tmp_path):
+    """While one process resumes a run, another resuming it is refused and changes nothing."""
+    run = RunDir(tmp_path / "run")
+    flags = ["--data-dir", shared_synthetic_dir, "--batch-size", "32", "--val-size", "64", "--no-plots", "--quiet"]
+    assert fmnist_cli("train", "--steps", "4", "--out", run.path, *flags).returncode == 0
+    first = subprocess.Popen([sys.executable, "-m", "fmnist", "train", "--resume", str(run.path), "--steps", "100000",
+                              "--checkpoint-every", "0", "--log-every", "1", "--threads", "1", *map(str, flags)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while losses_written(run) <= 4 and time.monotonic() < deadline:  # it has the lock once it writes
+            time.sleep(0.05)
+        second = fmnist_cli("train", "--resume", run.path, "--steps", "200000", *flags)
+        assert second.returncode == 2 and "another fmnist process is training this run" in second.stderr
+        assert second.stderr.count("\n") == 1
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("target", ["config.json", "metrics.jsonl"])
+def test_a_full_disk_is_one_line(synthetic_dir, tmp_path, monkeypatch, capsys, target):
+    """Writes that fail for lack of space (/dev/full answers ENOSPC) end in one line naming the file."""
+    import fmnist.io
+
+    if target == "metrics.jsonl":
+        monkeypatch.setattr(RunDir, "metrics_path", property(lambda self: Path("/dev/full")))
+        expected = "/dev/full: cannot write (No space left on device)"
+    else:
+        real_fsync = os.fsync
+
+        def full(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".config.json."):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_fsync(fd)
+
+        monkeypatch.setattr(fmnist.io.os, "fsync", full)
+        expected = f"{tmp_path / 'r' / 'config.json'}: cannot write (No space left on device)"
+    code = main(["train", "--data-dir", str(synthetic_dir), "--steps", "30", "--batch-size", "32", "--val-size", "64",
+                 "--log-every", "1", "--out", str(tmp_path / "r"), "--quiet", "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"fmnist: error: {expected}\n"
 
 
 def test_train_evaluate_plot_end_to_end(synthetic_dir, tmp_path, capsys):

@@ -41,6 +41,14 @@ def test_bad_config_files(tmp_path, text, message):
         resolve(TrainConfig, path)
 
 
+@pytest.mark.parametrize("text", ["1: 2\n", "[steps]: 3\n", "? !!python/none\n: 3\n"])
+def test_yaml_keys_that_are_not_names(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(FmnistError, match="keys must be field names|invalid config"):
+        resolve(TrainConfig, path)
+
+
 def test_missing_and_unsupported_config(tmp_path):
     with pytest.raises(FmnistError, match="cannot read config"):
         resolve(TrainConfig, tmp_path / "none.toml")

@@ -3,8 +3,12 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -12,10 +16,19 @@ import numpy as np
 import pytest
 import torch
 from helpers import fmnist_cli, write_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fmnist import data
 from fmnist.cli import main
 from fmnist.data import DataError, load_idx, load_split, one_hot, save_idx
+
+
+def gzip_bomb(start: bytes = b"", members: int = 100, zeros: int = 10_000_000) -> bytes:
+    """gzip data of `members` members, each `zeros` zero bytes (about 10 KB compressed), after
+    a first member holding `start`: 1 MB that would decompress to 1 GB."""
+    member = gzip.compress(b"\0" * zeros, compresslevel=9)
+    return gzip.compress(start) + member * members
 
 
 def idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
@@ -62,6 +75,60 @@ def test_malformed_idx_names_file_and_problem(tmp_path, problem):
     message = str(info.value)
     assert str(path) in message and problem in message
     assert "\n" not in message
+
+
+def test_sizes_do_not_overflow(tmp_path):
+    """Dimensions of 65536^4 need 2^64 bytes: said as such, not wrapped around into nonsense."""
+    header = bytes([0, 0, 8, 4]) + struct.pack(">4I", *[65536] * 4)
+    with pytest.raises(DataError, match=f"needing {2**64 + 20} bytes"):
+        data.parse_idx(header + b"\0" * 10, "huge")
+    path = tmp_path / "huge-ubyte.gz"
+    path.write_bytes(gzip.compress(header + b"\0" * 10))
+    with pytest.raises(DataError, match="more than the limit of 4,294,967,296"):
+        load_idx(path)
+
+
+def test_a_gzip_bomb_is_read_no_further_than_its_header_says(tmp_path):
+    """1 MB of gzip that would be 1 GB: its header says 9 bytes, so reading stops there."""
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(gzip_bomb(idx_bytes(np.zeros(9, np.uint8)), members=100))
+    with pytest.raises(DataError, match="unexpected trailing bytes after the 17 bytes its header declares"):
+        load_idx(path)
+
+
+@st.composite
+def idx_like(draw) -> bytes:
+    """Bytes that look like IDX to a varying degree: any header fields, dimensions near the
+    payload's real length or wildly off, payloads short or long, sometimes gzipped."""
+    code = draw(st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E, 0x00, 0x42]))
+    ndim = draw(st.integers(0, 6))
+    dims = draw(st.lists(st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)), min_size=ndim, max_size=ndim))
+    header = bytes([0, 0, code, ndim]) + struct.pack(f">{ndim}I", *dims)
+    head = draw(st.sampled_from([header, header[:draw(st.integers(0, len(header)))], b"\x12\x34" + header[2:]]))
+    data = head + draw(st.binary(max_size=300))
+    return gzip.compress(data) if draw(st.booleans()) else data
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.one_of(idx_like(), st.binary(max_size=64)))
+def test_any_bytes_parse_or_give_one_clear_error(raw):
+    try:
+        array = data.parse_idx(raw, "x.idx")
+    except DataError as e:
+        assert str(e).startswith("x.idx: ") and "\n" not in str(e)
+        return
+    assert array.ndim == raw[3] and array.size * array.itemsize == len(raw) - 4 - 4 * raw[3]
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.one_of(idx_like(), st.binary(max_size=64)))
+def test_any_file_loads_or_gives_one_clear_error(tmp_path_factory, raw):
+    path = tmp_path_factory.mktemp("idx") / "file-ubyte"
+    path.write_bytes(raw)
+    try:
+        load_idx(path)
+    except DataError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
 
 
 def test_not_gzip_and_corrupt_gzip(tmp_path):
@@ -219,6 +286,94 @@ def test_download_cli_unreachable_mirror_is_one_line(tmp_path, capsys, mirror):
     assert code == 2
     assert err.startswith("fmnist: error: cannot download http://127.0.0.1:9/")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+class HostileHandler(http.server.BaseHTTPRequestHandler):
+    """A mirror that serves every file as `mode` says: a gzip bomb, an endless body, a reset
+    connection or a trickle."""
+
+    mode = "bomb"
+    bomb = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.mode == "bomb":
+            self.send_header("Content-Length", str(len(self.bomb)))
+            self.end_headers()
+            self.wfile.write(self.bomb)
+            return
+        self.send_header("Connection", "close")  # a body without a length: it ends when the server says
+        self.end_headers()
+        try:
+            if self.mode == "endless":  # a gzip header, then empty deflate blocks forever: no output at all
+                self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+                while True:
+                    self.wfile.write(b"\x00\x00\x00\xff\xff" * 10_000)
+            elif self.mode == "reset":
+                self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            elif self.mode == "trickle":  # a valid start, five bytes at a time
+                self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+                while True:
+                    self.wfile.write(b"\x00\x00\x00\xff\xff")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def hostile_mirror():
+    """A local HTTP server on 127.0.0.1 whose mode each test sets."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("bomb", "decompresses to more than the expected 4,720 bytes"),
+    ("endless", "bytes a gzip of train-images-idx3-ubyte.gz can take"),
+    ("reset", "Connection reset by peer"),
+    ("trickle", "not finished within 1 s"),
+])
+def test_hostile_mirror_gives_one_line_and_leaves_nothing(tmp_path, mirror, hostile_mirror, monkeypatch, mode,
+                                                          message):
+    server, url = hostile_mirror
+    monkeypatch.setattr(HostileHandler, "mode", mode)
+    monkeypatch.setattr(HostileHandler, "bomb", gzip_bomb(members=5))  # 50 KB: under the size cap
+    dest = tmp_path / "dest"
+    start = time.monotonic()
+    with pytest.raises(DataError) as info:
+        data.download(dest, mirror=url, progress=False, log=lambda *_: None, timeout=1.0)
+    text = str(info.value)
+    assert text.startswith(f"cannot download {url}train-images") or text.startswith(f"{url}train-images"), text
+    assert message in text and "\n" not in text
+    assert not dest.exists(), "a file or the folder the download made was left behind"
+    assert time.monotonic() - start < 20
+
+
+def test_download_bomb_from_the_command_line_keeps_memory_bounded(tmp_path, hostile_mirror, monkeypatch):
+    """The real file sizes: a 1,000:1 bomb stops at train-images' 47 MB; the process stays small."""
+    server, url = hostile_mirror
+    monkeypatch.setattr(HostileHandler, "bomb", gzip_bomb(members=100))  # 1 MB of gzip, 1 GB of zeros
+    code = ("import re, sys\nfrom fmnist.cli import main\nstatus = main(sys.argv[1:])\n"
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\nsys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", code, "download", "--data-dir", str(tmp_path / "d"), "--mirror", url,
+                             "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "decompresses to more than the expected 47,040,016 bytes" in result.stderr
+    assert int(result.stdout.split()[-1]) < 700_000  # KiB; the whole payload in memory would be 1 GB
+    assert not (tmp_path / "d").exists()
 
 
 def test_download_says_where_the_data_already_is_and_fetches_nothing(tmp_path, mirror, monkeypatch, capsys):

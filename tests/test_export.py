@@ -125,6 +125,7 @@ def test_a_model_trained_with_mirror_images_exports_their_average(tmp_path):
                                                    Normalization(FMNIST_MEAN, FMNIST_STD), tta=True))
     out = tmp_path / "fast.onnx"
     assert main(["export", "--model", str(run.path), "--out", str(out)]) == 0
+    assert read_metadata(out)["source_run"] == "run"  # the folder's name, not where it is
     pixels = np.random.default_rng(0).integers(0, 256, (16, 28, 28)).astype(np.uint8)
     got = onnx_session(out).run(["probabilities"], {"pixels": pixels.astype(np.float32)[:, None]})[0]
     predictor = load_model(run.path)

@@ -12,7 +12,9 @@ import io
 
 import numpy as np
 import pytest
-from helpers import ground, render_photo, wood
+from helpers import ground, picture_bytes, render_photo, wood
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from fmnist import FmnistError
@@ -260,3 +262,33 @@ def test_test_set_trousers_on_a_gradient(data_dir):
         correlations.append(correlation(out, image))
     # A box one pixel wider or narrower moves thin legs: judge the typical and the worst case.
     assert np.median(correlations) > 0.9 and min(correlations) > 0.6
+
+
+# ----------------------------------------------------------------------------- any bytes
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=picture_bytes())
+def test_any_file_gives_an_image_or_one_clear_error(data):
+    """Whatever the bytes: a uint8 28x28 image, or an ImageError with a 4xx status and a
+    one-line message naming the file. Never another exception."""
+    try:
+        image = prepare_image(open_image(data, "upload.bin"), name="upload.bin")
+    except ImageError as e:
+        assert 400 <= e.status < 500 and str(e).startswith("upload.bin: ") and "\n" not in str(e)
+        return
+    assert image.dtype == np.uint8 and image.shape == (28, 28)
+
+
+@settings(max_examples=100, deadline=None)
+@given(pixels=st.integers(1, 64).flatmap(lambda h: st.integers(1, 64).flatmap(lambda w: st.sampled_from(
+    [(h, w), (h, w, 3), (h, w, 4)]))).flatmap(lambda shape: st.tuples(st.just(shape), st.integers(0, 2**32 - 1))))
+def test_any_array_is_prepared_or_has_no_object(pixels):
+    shape, seed = pixels
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, shape, dtype=np.uint8) if seed % 3 else np.full(shape, seed % 256, np.uint8)
+    try:
+        image = prepare_image(array)
+    except NoObject:
+        return
+    assert image.dtype == np.uint8 and image.shape == (28, 28)

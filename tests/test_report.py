@@ -47,6 +47,34 @@ def test_report_trains_each_rung_and_reuses_them(tiny_ladder, synthetic_dir, tmp
     assert before == {n: RunDir(out / n).weights_path.stat().st_mtime_ns for n in names}
 
 
+def test_report_retrains_only_rungs_whose_recipe_changed(monkeypatch, synthetic_dir, tmp_path):
+    """Another device or data folder reuses a finished rung; a changed recipe retrains it and
+    keeps the earlier run aside."""
+    rungs = [Rung("01-a", "first", {"steps": 4, "batch_size": 16, "val_size": 32, "log_every": 2}),
+             Rung("02-b", "second", {"lr": 0.002})]
+    monkeypatch.setattr(report, "ladder", lambda quick, include_best: list(rungs))
+    monkeypatch.setattr(report, "write_report", lambda out, *_: out / "report.md")
+    out = tmp_path / "ladder"
+    report.run_ladder(out, data_dir=str(synthetic_dir), device="cpu", progress=False, log=quiet)
+    mtimes = {r.name: RunDir(out / r.name).weights_path.stat().st_mtime_ns for r in rungs}
+
+    moved = tmp_path / "moved-data"
+    synthetic_dir.rename(moved)
+    logs = []
+    report.run_ladder(out, data_dir=str(moved), device="auto", progress=False, log=logs.append)
+    assert sum("reusing" in line for line in logs) == 2
+    assert mtimes == {r.name: RunDir(out / r.name).weights_path.stat().st_mtime_ns for r in rungs}
+
+    rungs[1] = Rung("02-b", "second", {"lr": 0.003})
+    logs = []
+    report.run_ladder(out, data_dir=str(moved), device="cpu", progress=False, log=logs.append)
+    assert RunDir(out / "01-a").weights_path.stat().st_mtime_ns == mtimes["01-a"]
+    assert RunDir(out / "02-b").read_meta().config["lr"] == 0.003
+    kept = list(out.glob("02-b.replaced-*"))
+    assert len(kept) == 1 and RunDir(kept[0]).read_meta().config["lr"] == 0.002
+    assert any("its recipe changed" in line for line in logs)
+
+
 def test_report_refuses_a_file_as_folder(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["report", "--out", str(tmp_path / "f"), "--quick", "--quiet"]) == 2

@@ -71,7 +71,7 @@ def test_health_classes_and_openapi(server):
     status, _, body = get(server, "/openapi.json")
     spec = json.loads(body)
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
-    assert get(server, "/docs")[0] == 200
+    assert get(server, "/docs")[0] == 404  # only with --docs: its page loads its script from a CDN
 
 
 def test_predict_matches_the_library(server, trained_run, data_dir):
@@ -116,6 +116,8 @@ def test_web_page_has_no_external_assets(server):
         status, _, body = get(server, f"/static/{name}")
         assert status == 200 and len(body) > 500
         assert b"http://" not in body and b"https://" not in body
+    # The favicon's SVG names its XML namespace, a name and not an address that is fetched.
+    page = page.replace(b"http://www.w3.org/2000/svg", b"")
     assert b"http://" not in page and b"https://" not in page
     assert get(server, "/static/..%2Fserve.py")[0] == 404
 
@@ -176,7 +178,7 @@ def read_reply(s: socket.socket, reply: bytes = b"") -> bytes:
 def test_oversized_body_is_refused_without_reading_it(server):
     """A declared 1 GB body gets 413 after a few bytes, without the server waiting for the rest."""
     with socket.create_connection(server[:2], timeout=20) as s:
-        s.sendall((f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 30}\r\n"
+        s.sendall((f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {1 << 30}\r\n"
                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode())
         s.sendall(b"x" * 1000)
         reply = read_reply(s)
@@ -186,7 +188,7 @@ def test_oversized_body_is_refused_without_reading_it(server):
 def test_oversized_chunked_body_is_refused(server):
     """No Content-Length: the body is counted as it arrives."""
     with socket.create_connection(server[:2], timeout=20) as s:
-        s.sendall((f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        s.sendall((f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                    f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode())
         chunk = b"%x\r\n" % 65536 + b"x" * 65536 + b"\r\n"
         reply = b""

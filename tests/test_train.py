@@ -61,6 +61,51 @@ def test_refuses_to_overwrite_a_run(synthetic_dir, tmp_path):
     assert run.weights_path.read_bytes() == before
 
 
+def test_final_weights_that_are_not_finite_are_not_saved(synthetic_dir, tmp_path, monkeypatch):
+    """The last step breaks the weights after its loss, a finite one, was computed."""
+    import fmnist.train
+
+    real_step, cfg, steps = fmnist.train.train_step, small_config(synthetic_dir, tmp_path / "r"), []
+
+    def last_step_breaks(model, optimizer, *args, **kwargs):
+        loss = real_step(model, optimizer, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == cfg.steps:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(fmnist.train, "train_step", last_step_breaks)
+    with pytest.raises(FmnistError, match=r"final weights are not finite \(.* holds NaN or infinity\); the model was not saved"):
+        train(cfg, progress=False, log=quiet)
+    assert not RunDir(tmp_path / "r").weights_path.exists() and not RunDir(tmp_path / "r").meta_path.exists()
+
+
+def test_a_run_folder_is_locked_while_training(tmp_path):
+    run = RunDir.create(tmp_path / "r", "post")
+    with pytest.raises(FmnistError, match="another fmnist process is training this run"):
+        RunDir(tmp_path / "r").lock()
+    run.unlock()
+    RunDir(tmp_path / "r").lock().unlock()
+
+
+def test_default_run_folders_are_unique(tmp_path, monkeypatch):
+    """Two runs of the same model started in the same second get two folders."""
+    import datetime
+
+    import fmnist.run
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(fmnist.run, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first, second = RunDir.create(None, "post"), RunDir.create(None, "post")
+    assert (str(first), str(second)) == ("runs/20260102-030405-post", "runs/20260102-030405-post-2")
+
+
 def test_diverging_loss_stops_with_the_step(synthetic_dir, tmp_path):
     with pytest.raises(FmnistError, match=r"loss became (nan|inf) at step \d+"):
         train(small_config(synthetic_dir, tmp_path / "r", lr=1e30, init="normal", steps=30, log_every=1),

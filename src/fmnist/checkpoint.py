@@ -20,7 +20,7 @@ from torch import nn
 
 from fmnist import FmnistError, __version__
 from fmnist.distributed import Dist
-from fmnist.io import atomic_open
+from fmnist.io import atomic_open, writing
 from fmnist.metrics import Metrics
 from fmnist.run import ModelMeta, RunDir
 
@@ -34,9 +34,19 @@ def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def check_finite(model: nn.Module, what: str, advice: str = "") -> None:
+    """Refuse weights holding NaN or infinity: a step can break them after the last loss was
+    computed, and a model that answers NaN must not be saved as the product."""
+    for name, tensor in getattr(model, "module", model).state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FmnistError(f"{what} are not finite ({name} holds NaN or infinity); the model was not saved{advice}")
+
+
 def save_model(run: RunDir, model: nn.Module, meta: ModelMeta) -> None:
-    """Write model.safetensors, then model.json, into the run folder."""
-    with atomic_open(run.weights_path) as f:
+    """Write model.safetensors, then model.json, into the run folder; refused for weights that
+    are not finite."""
+    check_finite(model, f"{run}: the weights")
+    with writing(run.weights_path), atomic_open(run.weights_path) as f:
         f.write(safetensors_save(cpu_state_dict(model), metadata={"model": meta.model}))
     run.write_meta(meta)
 

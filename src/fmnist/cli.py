@@ -164,7 +164,7 @@ def note(message: str) -> None:
 def cmd_download(args) -> int:
     from fmnist.data import download
 
-    download(args.data_dir, mirror=args.mirror, progress=not args.quiet)
+    download(args.data_dir, mirror=args.mirror, progress=not args.quiet, timeout=args.timeout)
     return 0
 
 
@@ -412,7 +412,8 @@ def build_parser() -> Parser:
                        "Data is looked for in: --data-dir, $FMNIST_DATA, ./data/fashion, "
                        "~/.cache/fmnist, /usr/share/datasets/fashion-mnist.")
     p.add_argument("--data-dir", help="where to put the files (default: ~/.cache/fmnist, unless the data is found)")
-    p.add_argument("--mirror", help="base URL to download from (default: $FMNIST_MIRROR or the official mirror)")
+    p.add_argument("--mirror", help="base URL to download from (default: $FMNIST_MIRROR or the official mirror, over HTTPS)")
+    p.add_argument("--timeout", type=float, default=600.0, help="most seconds one file may take (default: 600)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download)
 
@@ -532,8 +533,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("serve", help="HTTP prediction service with a web page",
                        description="Serve a model over HTTP: POST /v1/predict (multipart field "
                        "'file'), POST /v1/explain (the same, plus a heatmap; the explain extra), GET "
-                       "/v1/classes, GET /healthz, the OpenAPI description at "
-                       "/openapi.json and a web page at /. Needs the serve extra.")
+                       "/v1/classes, GET /healthz, the OpenAPI description at /openapi.json (its page "
+                       "at /docs with --docs) and a web page at /. Set FMNIST_API_KEY (or --api-key) "
+                       "before binding beyond loopback. Needs the serve extra.")
     add_model_arg(p)
     add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)

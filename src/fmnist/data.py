@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import math
 import os
 import struct
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +47,12 @@ IMAGE_SIZE = 28  # pixels, height and width
 FMNIST_MEAN = 0.2860406
 FMNIST_STD = 0.3530242
 
-MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# The authors' bucket over TLS (its website endpoint, which their README links, is HTTP only).
+MIRROR = "https://fashion-mnist.s3.eu-central-1.amazonaws.com/"
+DOWNLOAD_SECONDS = 600.0  # most time one file may take (the largest, 26 MB, at 44 KB/s)
+READ_SECONDS = 30.0  # most time the mirror may stay silent
+GUNZIP_PIECE = 1 << 20  # bytes decompressed at a time
+MAX_IDX_BYTES = 1 << 32  # an IDX payload larger than 4 GiB is refused from its header
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 
@@ -101,47 +109,105 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # ----------------------------------------------------------------------------- parsing
 
 
-def _read_payload(path: Path) -> bytes:
-    """The file's bytes, decompressed when it is gzip."""
+def gunzip_stream(chunks: Iterable[bytes], origin: str) -> Iterator[bytes]:
+    """The decompressed bytes of gzip data (one member or several, as gzip reads them) arriving
+    in `chunks`, in pieces of at most GUNZIP_PIECE bytes, decompressed only as they are taken:
+    a consumer that stops early bounds the time and memory a gzip bomb costs, whatever its ratio."""
+    decompressor, fed = zlib.decompressobj(wbits=31), False
     try:
-        raw = path.read_bytes()
+        for chunk in chunks:
+            while chunk:
+                fed = True
+                piece = decompressor.decompress(chunk, GUNZIP_PIECE)
+                if piece:
+                    yield piece
+                if decompressor.eof:  # a member ended; another may follow
+                    chunk, decompressor, fed = decompressor.unused_data, zlib.decompressobj(wbits=31), False
+                else:
+                    chunk = decompressor.unconsumed_tail
+            while fed and not decompressor.eof and (piece := decompressor.decompress(b"", GUNZIP_PIECE)):
+                yield piece  # output held back by the piece limit
+    except zlib.error as e:
+        raise DataError(f"{origin}: corrupt or truncated gzip data ({e})") from None
+    if fed and not decompressor.eof:
+        raise DataError(f"{origin}: corrupt or truncated gzip data (it ends in the middle of a stream)")
+
+
+def _file_chunks(f, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := f.read(size):
+        yield chunk
+
+
+def _read_payload(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip, read no further than its IDX header says
+    the data goes (and never beyond MAX_IDX_BYTES): a gzip bomb or a huge file costs nothing
+    more than its header."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+            if not head:
+                raise DataError(f"{path}: empty file")
+            if head == _GZIP_MAGIC:
+                f.seek(0)
+                return _bounded_idx(gunzip_stream(_file_chunks(f), str(path)), f"{path}", gzipped=True)
+            if path.suffix == ".gz":
+                raise DataError(f"{path}: not a gzip file (named .gz but has no gzip header)")
+            f.seek(0)
+            return _bounded_idx(_file_chunks(f), str(path), gzipped=False)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, not an IDX file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if not raw:
-        raise DataError(f"{path}: empty file")
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
-        if not raw:
-            raise DataError(f"{path}: empty file (after gunzip)")
-    elif path.suffix == ".gz":
-        raise DataError(f"{path}: not a gzip file (named .gz but has no gzip header)")
-    return raw
+
+
+def _bounded_idx(pieces: Iterator[bytes], name: str, gzipped: bool) -> bytes:
+    """The bytes of an IDX payload, taken from `pieces` up to the size its header declares plus
+    one (so parse_idx sees trailing bytes), refusing a declared size over MAX_IDX_BYTES."""
+    data, expected = bytearray(), None
+    for piece in pieces:
+        data += piece
+        if expected is None:
+            expected = idx_size(bytes(data[:20]), name)
+            if expected is not None and expected > MAX_IDX_BYTES:
+                raise DataError(f"{name}: header declares {expected:,} bytes of data, more than the "
+                                f"limit of {MAX_IDX_BYTES:,}")
+        if expected is not None and len(data) > expected:
+            raise DataError(f"{name}: unexpected trailing bytes after the {expected:,} bytes its header declares")
+    if not data:
+        raise DataError(f"{name}: empty file" + (" (after gunzip)" if gzipped else ""))
+    return bytes(data)
+
+
+def idx_size(head: bytes, name: str = "<bytes>") -> int | None:
+    """The total size in bytes an IDX header declares (header included), once `head` holds
+    the whole header; None before. Sizes are Python integers: no dimensions overflow them."""
+    if len(head) < 4:
+        return None
+    if head[0] != 0 or head[1] != 0:
+        raise DataError(f"{name}: bad magic number 0x{head[:4].hex()} (not an IDX file)")
+    dtype = _IDX_DTYPES.get(head[2])
+    if dtype is None:
+        raise DataError(f"{name}: unknown IDX element type 0x{head[2]:02x}")
+    ndim = head[3]
+    if not 1 <= ndim <= 4:
+        raise DataError(f"{name}: unsupported number of dimensions {ndim}")
+    header = 4 + 4 * ndim
+    if len(head) < header:
+        return None
+    return header + math.prod(struct.unpack(f">{ndim}I", head[4:header])) * dtype.itemsize
 
 
 def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parse an IDX payload (already decompressed), checking its header against its length."""
-    if len(raw) < 4:
-        raise DataError(f"{name}: truncated IDX header ({len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{name}: bad magic number 0x{raw[:4].hex()} (not an IDX file)")
-    dtype = _IDX_DTYPES.get(raw[2])
-    if dtype is None:
-        raise DataError(f"{name}: unknown IDX element type 0x{raw[2]:02x}")
-    ndim = raw[3]
-    if not 1 <= ndim <= 4:
-        raise DataError(f"{name}: unsupported number of dimensions {ndim}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    expected = idx_size(raw, name)
+    if expected is None:
+        header = 4 + 4 * raw[3] if len(raw) >= 4 else 4
         raise DataError(f"{name}: truncated IDX header ({len(raw)} of {header} bytes)")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) < expected:
         raise DataError(
             f"{name}: truncated file: header says {dims} needing {expected} bytes, found {len(raw)}"
@@ -308,34 +374,81 @@ def _verify_payload(raw: bytes, info: IdxFile, origin: str) -> None:
         raise DataError(f"{origin}: checksum mismatch (sha256 {digest[:16]}..., expected {info.sha256[:16]}...)")
 
 
-def _fetch(url: str, dest: Path, info: IdxFile, progress: bool) -> None:
-    """Download url into dest atomically: a temporary file in the same folder, checked, renamed."""
+def _verify_gzip(chunks: Iterable[bytes], info: IdxFile, origin: str) -> None:
+    """Check gzip data arriving in chunks against the known size and hash of its payload,
+    decompressing no further than that size: memory and time stay bounded, bomb or not."""
+    digest, size = hashlib.sha256(), 0
+    for piece in gunzip_stream(chunks, origin):
+        size += len(piece)
+        if size > info.size:
+            raise DataError(f"{origin}: decompresses to more than the expected {info.size:,} bytes")
+        digest.update(piece)
+    if size != info.size:
+        raise DataError(f"{origin}: expected {info.size} bytes after gunzip, got {size}")
+    if digest.hexdigest() != info.sha256:
+        raise DataError(f"{origin}: checksum mismatch (sha256 {digest.hexdigest()[:16]}..., "
+                        f"expected {info.sha256[:16]}...)")
+
+
+def max_compressed_size(info: IdxFile) -> int:
+    """The most bytes a gzip file of this payload can take: deflate's stored blocks add 5
+    bytes per 64 KiB, the gzip header a few more."""
+    return info.size + info.size // 1000 + 64 * 1024
+
+
+def _network_reason(e: BaseException) -> str:
+    """What went wrong with a download, in a few words."""
+    if isinstance(e, http.client.IncompleteRead):
+        return f"the connection closed after {len(e.partial):,} bytes of the body"
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    return str(getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__)
+
+
+def _fetch(url: str, dest: Path, info: IdxFile, progress: bool, timeout: float = DOWNLOAD_SECONDS) -> None:
+    """Download url into dest atomically: a temporary file in the same folder, checked while
+    it streams (size caps on both sides of gunzip, the hash, a deadline), then renamed. Every
+    network failure is one DataError naming the URL; nothing is left behind."""
     from tqdm.auto import tqdm
 
+    start = time.monotonic()
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         share_as_umask_allows(tmp)
         with os.fdopen(fd, "wb") as out:
             try:
-                response = urllib.request.urlopen(url, timeout=30)
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise DataError(f"cannot download {url}: {reason}") from None
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(
-                    total=total, unit="B", unit_scale=True, desc=info.name, disable=not progress
-                ) as bar:
-                    while chunk := response.read(1 << 16):
-                        out.write(chunk)
-                        bar.update(len(chunk))
+                with urllib.request.urlopen(url, timeout=min(READ_SECONDS, timeout)) as response:
+                    declared = int(response.headers.get("Content-Length") or 0) or None
+                    if declared is not None and declared > max_compressed_size(info):
+                        raise DataError(f"cannot download {url}: it is {declared:,} bytes, more than a gzip "
+                                        f"of {info.name} can take ({max_compressed_size(info):,})")
+                    with tqdm(total=declared, unit="B", unit_scale=True, desc=info.name, disable=not progress) as bar:
+                        chunks = _download_chunks(response, url, info, start + timeout, timeout, out, bar)
+                        _verify_gzip(chunks, info, url)
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+                raise DataError(f"cannot download {url}: {_network_reason(e)}") from None
             out.flush()
             os.fsync(out.fileno())
-        _verify_payload(_read_payload(tmp), info, url)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _download_chunks(response, url: str, info: IdxFile, deadline: float, timeout: float, out,
+                     bar) -> Iterator[bytes]:
+    """The body of a download, written to `out` as it comes: refused beyond the most a gzip of
+    the payload can take, or when it is not all in by `deadline`."""
+    cap, received = max_compressed_size(info), 0
+    while chunk := response.read1(1 << 16):
+        received += len(chunk)
+        if received > cap:
+            raise DataError(f"cannot download {url}: more than the {cap:,} bytes a gzip of {info.name} can take")
+        if time.monotonic() > deadline:
+            raise DataError(f"cannot download {url}: not finished within {timeout:g} s")
+        out.write(chunk)
+        bar.update(len(chunk))
+        yield chunk
 
 
 def download(
@@ -343,12 +456,14 @@ def download(
     mirror: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    timeout: float = DOWNLOAD_SECONDS,
 ) -> Path:
     """Fetch the four files into data_dir (default: the user cache), verifying each.
 
     A file already present with the right payload is kept. Without `data_dir`, data found
     where fmnist looks for it (`search_dirs`) is checked and kept, and nothing is fetched. The
-    mirror defaults to $FMNIST_MIRROR or the official one.
+    mirror defaults to $FMNIST_MIRROR or the official one (HTTPS). Each file must arrive
+    within `timeout` seconds.
     """
     if data_dir is None:
         found = next((d for d in search_dirs() if _has_all(d)), None)
@@ -358,7 +473,7 @@ def download(
             return found
     target = Path(data_dir) if data_dir is not None else cache_dir()
     try:
-        return fetch_into(target, mirror, progress, log)
+        return fetch_into(target, mirror, progress, log, timeout)
     except DataError as e:
         elsewhere = next((d for d in search_dirs() if _has_all(d)), None)
         if elsewhere is None:
@@ -366,7 +481,8 @@ def download(
         raise DataError(f"{e}; the data is already in {elsewhere}, where fmnist finds it without --data-dir") from None
 
 
-def fetch_into(target: Path, mirror: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def fetch_into(target: Path, mirror: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
+               timeout: float = DOWNLOAD_SECONDS) -> Path:
     """Fetch the four files into `target`, keeping those already there with the right payload."""
     mirror = mirror or os.environ.get("FMNIST_MIRROR") or MIRROR
     if not mirror.endswith("/"):
@@ -383,7 +499,7 @@ def fetch_into(target: Path, mirror: str | None = None, progress: bool = True, l
                 dest = target / info.name
                 if _file_in(target, info.name) and _verified(_file_in(target, info.name), info, log):
                     continue
-                _fetch(mirror + info.name, dest, info, progress)
+                _fetch(mirror + info.name, dest, info, progress, timeout)
                 fetched += 1
     except DataError:
         if created and not any(target.iterdir()):

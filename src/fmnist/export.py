@@ -112,7 +112,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, check_images
         "model": meta.model,
         "temperature": json.dumps(meta.temperature),  # probabilities = softmax(logits / temperature)
         "fmnist_version": __version__,
-        "source_run": str(Path(run_dir).resolve()),
+        "source_run": Path(run_dir).resolve().name,  # its name only: no paths of this machine
     }
     del proto.metadata_props[:]
     for key, value in metadata.items():

@@ -33,6 +33,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     fsync_dir(path.parent)
 
 
+@contextmanager
+def writing(path: str | os.PathLike):
+    """Turn a failure to write `path` (a full disk, a quota, a read-only folder) into one
+    FmnistError naming it, for the command line to print as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise FmnistError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def share_as_umask_allows(path: str | os.PathLike) -> None:
     """Give a file made by `mkstemp` (always 0600) the mode a plain `open` would: 0666 less the
     umask, so that other users, another container's uid or a web server can read what fmnist

@@ -17,6 +17,7 @@ import numpy as np
 
 from fmnist import FmnistError
 from fmnist.config import TrainConfig
+from fmnist.io import writing
 from fmnist.run import (
     EvalRecord,
     LossRecord,
@@ -57,16 +58,19 @@ class JsonlSink:
 
     def __init__(self, run: RunDir):
         self.path = run.metrics_path
-        self.file = self.path.open("ab")
+        with writing(self.path):
+            self.file = self.path.open("ab")
 
     def write(self, record: Record) -> None:
-        self.file.write((json.dumps(record_to_json(record)) + "\n").encode())
+        with writing(self.path):
+            self.file.write((json.dumps(record_to_json(record)) + "\n").encode())
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         pass  # the plots are PNG files beside it
 
     def flush(self) -> None:
-        self.file.flush()
+        with writing(self.path):
+            self.file.flush()
 
     def sync(self) -> None:
         os.fsync(self.file.fileno())
@@ -95,7 +99,8 @@ class JsonlSink:
         self.file.truncate(keep)
 
     def close(self) -> None:
-        self.file.close()
+        with writing(self.path):
+            self.file.close()
 
 
 class TensorBoardSink:

@@ -5,18 +5,20 @@ run, and the report shows what each change bought in accuracy and time.
     fmnist report                    # the full ladder (the cpu-fast preset's length per rung)
     fmnist report --out reports/ladder --include-best   # and the wide ResNet (for a GPU)
 
-Runs already in the report folder with the same config are reused, so an interrupted report
-picks up where it stopped.
+Runs already in the report folder with the same recipe are reused (whatever device or data
+folder they ran with), so an interrupted report picks up where it stopped; a finished run whose
+recipe changed is moved aside, never deleted.
 """
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from fmnist import FmnistError
-from fmnist.config import TrainConfig, to_dict
+from fmnist.config import TrainConfig, recipe, to_dict
 from fmnist.io import atomic_open
 from fmnist.presets import preset
 from fmnist.run import RunDir
@@ -66,14 +68,32 @@ def rung_configs(rungs: list[Rung], out: Path, **common) -> list[TrainConfig]:
 
 
 def _finished(cfg: TrainConfig) -> bool:
-    """Whether the rung's run folder holds a finished run of exactly this config."""
+    """Whether the rung's run folder holds a finished run of this config's recipe."""
     run = RunDir(cfg.out)
     if not run.meta_path.is_file():
         return False
     try:
-        return run.read_meta().config == to_dict(cfg)
+        return recipe(run.read_meta().config) == recipe(to_dict(cfg))
     except FmnistError:  # an unreadable or outdated model.json: train the rung again
         return False
+
+
+def _clear(cfg: TrainConfig, log) -> None:
+    """Make room for the rung: an unfinished run of it is removed, a finished run of another
+    recipe moved aside; neither while another process trains it."""
+    run = RunDir(cfg.out)
+    if not run.path.is_dir():
+        return  # nothing there, or a file, which RunDir.create refuses
+    run.lock()
+    try:
+        if run.has_model():
+            aside = run.path.with_name(f"{run.path.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
+            run.path.rename(aside)
+            log(f"{run}: its recipe changed; the earlier run is kept in {aside}")
+        else:
+            shutil.rmtree(run.path)  # an interrupted run of this rung
+    finally:
+        run.unlock()
 
 
 def run_ladder(out, quick: bool = False, include_best: bool = False, data_dir=None, device: str = "auto",
@@ -89,8 +109,7 @@ def run_ladder(out, quick: bool = False, include_best: bool = False, data_dir=No
         if _finished(cfg):
             log(f"[{i}/{len(rungs)}] {rung.name}: reusing {cfg.out}")
             continue
-        if Path(cfg.out).exists():
-            shutil.rmtree(cfg.out)  # an unfinished or outdated run of this rung
+        _clear(cfg, log)
         log(f"[{i}/{len(rungs)}] {rung.name}: {rung.change}")
         train(cfg, progress=progress, log=log)
     return write_report(out, rungs, configs, quick)

@@ -16,6 +16,7 @@ through `RunDir` and `ModelMeta`; nobody else spells a file name or a key.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -24,12 +25,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
+
 import torch
 
 from fmnist import FmnistError, __version__
 from fmnist.config import LEGACY_NAMES
 from fmnist.data import Normalization
-from fmnist.io import read_json, write_json
+from fmnist.io import read_json, write_json, writing
 from fmnist.models import build_model, count_parameters, model_spec
 
 CONFIG_FILE = "config.json"
@@ -252,17 +258,66 @@ class RunDir:
 
     @classmethod
     def create(cls, out: str | os.PathLike | None, model: str) -> RunDir:
-        """A new run folder: `out`, or runs/<time>-<model>; refused when it already holds a run."""
-        run = cls(out if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{model}")
+        """A new run folder, locked (`lock`): `out`, made or found empty, or by default
+        runs/<time>-<model>, with -2, -3... when another run took that name in the same second.
+        Refused when `out` holds anything: nothing of another run or file is written over."""
+        if not out:
+            base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{model}"
+            for n in itertools.count(1):
+                run = cls(base if n == 1 else base.with_name(f"{base.name}-{n}"))
+                try:
+                    run.path.mkdir(parents=True)  # atomic: of two processes, one makes each name
+                    return run.lock()
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    raise FmnistError(f"{run}: cannot create run folder ({e.strerror})") from None
+        run = cls(out)
         if run.path.exists() and not run.path.is_dir():
             raise FmnistError(f"{run}: exists and is not a folder")
-        if any(p.exists() for p in (run.metrics_path, run.meta_path, run.last_state)):
-            raise FmnistError(f"{run}: already holds a run; choose another --out, or continue it with --resume {run}")
+        run.refuse_if_not_empty()
         try:
             run.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FmnistError(f"{run}: cannot create run folder ({e.strerror})") from None
+        run.lock()
+        try:
+            run.refuse_if_not_empty()  # again under the lock: two processes cannot both find it empty
+        except FmnistError:
+            run.unlock()
+            raise
         return run
+
+    def refuse_if_not_empty(self) -> None:
+        """Refuse a folder that holds anything, a run (continue it with --resume) or not."""
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            return
+        if any(p.exists() for p in (self.metrics_path, self.meta_path, self.last_state)):
+            raise FmnistError(f"{self}: already holds a run; choose another --out, or continue it with --resume {self}")
+        raise FmnistError(f"{self}: is not empty; choose another --out, or an empty or new folder")
+
+    def lock(self) -> RunDir:
+        """Hold an exclusive lock on the folder until `unlock` (or until this process ends, however
+        it ends: the kernel releases it, and nothing is left on disk): a second process training
+        or resuming the same run is refused."""
+        if fcntl is None or getattr(self, "_lock", None) is not None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FmnistError(f"{self}: cannot open run folder ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise FmnistError(f"{self}: another fmnist process is training this run; wait for it to end") from None
+        self._lock = fd
+        return self
+
+    def unlock(self) -> None:
+        fd, self._lock = getattr(self, "_lock", None), None
+        if fd is not None:
+            os.close(fd)
 
     @classmethod
     def existing(cls, path: str | os.PathLike) -> RunDir:
@@ -286,7 +341,8 @@ class RunDir:
     # --- config.json
 
     def write_config(self, values: dict[str, Any]) -> None:
-        write_json(self.config_path, values)
+        with writing(self.config_path):
+            write_json(self.config_path, values)
 
     def read_config(self) -> dict[str, Any]:
         config = read_json(self.config_path)
@@ -302,7 +358,8 @@ class RunDir:
         return ModelMeta.from_json(read_json(self.meta_path), str(self.meta_path))
 
     def write_meta(self, meta: ModelMeta) -> None:
-        write_json(self.meta_path, meta.to_json())
+        with writing(self.meta_path):
+            write_json(self.meta_path, meta.to_json())
 
     # --- metrics.jsonl
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from torch import nn
 from fmnist import FmnistError
 from fmnist.augment import Augment
 from fmnist.calibrate import calibrate, save_calibration
-from fmnist.checkpoint import CheckpointSaver, save_model
+from fmnist.checkpoint import CheckpointSaver, check_finite, save_model
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
 from fmnist.data import CLASS_NAMES, BatchSampler, Normalization, load_splits
 from fmnist.device import autocast_dtype, resolve_device
@@ -92,22 +92,24 @@ def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None,
     return loss.detach()
 
 
-def open_run_dir(cfg: TrainConfig, ctx: Dist) -> RunDir:
+def open_run_dir(cfg: TrainConfig, ctx: Dist, held: ExitStack) -> RunDir:
     """The run folder: the resumed one, or a new one made by rank 0 (its name has the time in
-    it), the same path on every process."""
+    it), the same path on every process. Rank 0 locks it until `held` closes: two processes
+    never train the same run."""
     if cfg.resume:
         check_resumable(read_saved_config(cfg.resume), to_dict(cfg))
-        return RunDir(cfg.resume)
-    made = ("", "")
+    made, run = ("", ""), None
     if ctx.is_main:
         try:
-            made = ("ok", str(RunDir.create(cfg.out, cfg.model)))
+            run = RunDir.existing(cfg.resume).lock() if cfg.resume else RunDir.create(cfg.out, cfg.model)
+            held.callback(run.unlock)
+            made = ("ok", str(run))
         except FmnistError as e:
             made = ("error", str(e))
     status, value = ctx.broadcast(made)
     if status == "error":
         raise FmnistError(value)
-    return RunDir(value)
+    return run if run is not None else RunDir(value)
 
 
 class Stopwatch:
@@ -206,8 +208,14 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     cfg.validate()
     ctx = setup(resolve_device(cfg.device))
     try:
-        # Only rank 0 prints, logs, writes checkpoints and plots.
-        return _train(cfg, ctx, progress and ctx.is_main, log if ctx.is_main else _silent)
+        if not ctx.enabled:  # fail fast, before any data is read; checked again under the lock
+            if cfg.resume:
+                RunDir.existing(cfg.resume).lock().unlock()
+            elif cfg.out:
+                RunDir(cfg.out).refuse_if_not_empty()
+        with ExitStack() as held:  # the run folder's lock, released however training ends
+            # Only rank 0 prints, logs, writes checkpoints and plots.
+            return _train(cfg, ctx, held, progress and ctx.is_main, log if ctx.is_main else _silent)
     finally:
         ctx.close()
 
@@ -231,7 +239,7 @@ def announce(log, cfg: TrainConfig, ctx: Dist, run: RunDir, steps: int, precisio
             f"no checkpoint in {run} yet: training it from the start")
 
 
-def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
+def _train(cfg: TrainConfig, ctx: Dist, held: ExitStack, progress: bool, log) -> TrainResult:
     from tqdm.auto import tqdm
 
     # ---- set-up: data, network, optimiser, run folder, resumed state
@@ -252,7 +260,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images, labels = data["train"].images.contiguous(memory_format=memory_format), data["train"].labels
 
-    run = open_run_dir(cfg, ctx)
+    run = open_run_dir(cfg, ctx, held)
     saver = CheckpointSaver(run, learner.stateful(), ctx, cfg.checkpoint_every, track_best=cfg.eval_every > 0, log=log)
     resumed = saver.restore(steps) if cfg.resume else None
     start = resumed.step if resumed else 0
@@ -319,6 +327,7 @@ def _train(cfg: TrainConfig, ctx: Dist, progress: bool, log) -> TrainResult:
                          steps=steps, train_seconds=train_seconds,
                          metrics={"test_accuracy": test_result.accuracy, "test_loss": test_result.loss,
                                   "val_accuracy": val_result.accuracy if val_result else None})
+        check_finite(learner.final, f"{run}: the final weights", f"{saver.last_good()}; lower --lr")
         if ctx.is_main:
             save_model(run, learner.final, meta)
             calibrate_model(run, learner.final, meta, data, log)

@@ -58,6 +58,12 @@ for (const img of [$("preview"), $("model-input")]) {
   img.addEventListener("error", () => img.removeAttribute("src"));
 }
 
+// A service started with an API key wants it on /v1/*: asked for once, kept for this tab.
+function authHeaders() {
+  const key = sessionStorage.getItem("fmnist-api-key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function classify(blob, name) {
   const picture = ++latest;
   $("explanation-box").hidden = true;
@@ -66,8 +72,16 @@ async function classify(blob, name) {
   const form = new FormData();
   form.append("file", blob, name);
   try {
-    const response = await fetch(`/v1/predict?top_k=${TOP_K}&input=true`, { method: "POST", body: form });
+    const response = await fetch(`/v1/predict?top_k=${TOP_K}&input=true`,
+      { method: "POST", body: form, headers: authHeaders() });
     const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
+    if (response.status === 401) {
+      const key = window.prompt("This service needs an API key:");
+      if (key) {
+        sessionStorage.setItem("fmnist-api-key", key.trim());
+        return classify(blob, name);
+      }
+    }
     if (!response.ok) {
       $("model-input").removeAttribute("src");
       $("predictions").replaceChildren();
