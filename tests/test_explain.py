@@ -4,12 +4,14 @@ faithfulness of the default method on a model trained on the real data."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import io
 import json
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -296,6 +298,26 @@ def test_service_without_captum_answers_501(synthetic, tmp_path, monkeypatch):
         status, body = post_image(server, png(images[0]), "/v1/explain")
         assert status == 501 and body == {"detail": "explanations need captum: pip install 'fmnist[explain]'"}
         assert post_image(server, png(images[0]), "/v1/predict")[0] == 200
+
+
+def test_service_admits_a_bounded_number_of_explanations(monkeypatch):
+    """Explanations beyond EXPLAIN_QUEUE at once get 503 with Retry-After, not an endless queue."""
+    serve = pytest.importorskip("fmnist.serve")
+    monkeypatch.setattr(serve, "explanation", lambda predictor, image, target: time.sleep(0.05) or {"target": target})
+    explainer = serve.Explainer(predictor=None)
+
+    async def burst():
+        return await asyncio.gather(*(explainer.explain(None, i) for i in range(serve.EXPLAIN_QUEUE + 4)),
+                                    return_exceptions=True)
+
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        explainer.shutdown()
+    refused = [a for a in answers if isinstance(a, serve.HTTPError)]
+    assert [a["target"] for a in answers if isinstance(a, dict)] == list(range(serve.EXPLAIN_QUEUE))
+    assert len(refused) == 4 and all(e.status == 503 and e.headers["retry-after"] for e in refused)
+    assert explainer.admitted == 0
 
 
 # ----------------------------------------------------------------------------- faithfulness
