@@ -70,6 +70,23 @@ def test_upload_shows_prediction_and_model_input(page, trained_run, data_dir, tm
     assert page.external_requests == []
 
 
+def test_upload_shows_the_heatmap_beside_the_bars(page, trained_run, data_dir, tmp_path):
+    pytest.importorskip("captum")
+    image, label = confident_test_image(trained_run, data_dir)
+    path = tmp_path / "garment.png"
+    path.write_bytes(png(255 - image))
+    page.set_input_files("#file-input", str(path))
+    sync_api.expect(page.locator("#status")).to_have_text(f"garment.png: {label}", timeout=20_000)
+    sync_api.expect(page.locator("#explanation")).to_be_visible(timeout=30_000)
+    assert page.get_attribute("#explanation", "src").startswith("data:image/png;base64,")
+    assert page.evaluate("document.getElementById('explanation').naturalWidth") == 28
+    assert page.locator("#explanation-caption").inner_text().startswith(f"What the model looked at for {label}")
+    overlay, bars = page.locator("#explanation").bounding_box(), page.locator("#predictions").bounding_box()
+    assert overlay["x"] >= bars["x"] + bars["width"] - 1  # beside the bars, on their right
+    assert overlay["y"] < bars["y"] + bars["height"]
+    assert page.external_requests == []
+
+
 def test_drawing_is_classified(page):
     page.click("#clear")
     box = page.locator("#draw").bounding_box()
@@ -91,6 +108,7 @@ def test_bad_file_shows_the_error(page, tmp_path):
     page.set_input_files("#file-input", str(path))
     sync_api.expect(page.locator("#status")).to_contain_text("Error 415", timeout=20_000)
     assert page.locator("#predictions li").count() == 0
+    assert page.locator("#explanation-box").is_hidden()  # no heatmap of an earlier picture
 
 
 def test_a_picture_that_is_not_clothing_is_called_so(page, tmp_path):

@@ -22,6 +22,8 @@ from typing import Any, get_args
 from fmnist import FmnistError, __version__
 from fmnist.config import (
     TRAIN_GROUPS,
+    Attribution,
+    Embedding,
     Precision,
     ServeConfig,
     TrainConfig,
@@ -294,6 +296,27 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from fmnist.explain import explain_run
+
+    # The issue's `fmnist explain RUN_DIR [IMAGE ...]` as well as --model: a folder first among
+    # the positionals is the run folder (an image is never a folder).
+    images = args.images
+    if args.model is None and images and os.path.isdir(images[0]):
+        run_dir, images = images[0], images[1:]
+    else:
+        run_dir = which_model(args)
+    result = explain_run(run_dir, images, method=args.method, target=args.target, out=args.out,
+                         embedding=args.embedding, map_size=args.map_size, count=args.count,
+                         run_pictures=args.run_pictures, top_k=args.top_k, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for path in result.paths:
+        print(path)
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from fmnist.calibrate import calibrate_run
 
@@ -466,6 +489,35 @@ def build_parser() -> Parser:
                    "PNG into DIR (batch.npy[1] -> DIR/batch-1.png) and say where")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("explain", help="attribution heatmaps and pictures of what a model learnt",
+                       usage="%(prog)s [RUN_DIR | --model RUN_DIR] [IMAGE ...] [--method NAME] "
+                       "[--target CLASS] [FLAG ...]",
+                       description="For each image (pictures, .npy or IDX files; without any, 8 test "
+                       "images, half of them misclassified): the 28x28 input, an attribution heatmap "
+                       "for the predicted class over it and the top classes, as PNG. For the run: the "
+                       "first convolution's filters, one image's activations, a 2-D map of the test "
+                       "set's penultimate features, the most confused class pairs. Written into "
+                       "RUN_DIR/explain/ (or --out). Needs the explain extra.")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="picture, .npy or IDX file (default: test "
+                   "images); a run folder given first is the model, as with --model")
+    add_model_arg(p)
+    p.add_argument("--method", default="ig", choices=get_args(Attribution), metavar="NAME",
+                   help="ig: integrated gradients from the black image; gradcam: Grad-CAM on the last "
+                   "convolution; occlusion: a 3x3 black patch slid over the image (one of: ig, gradcam, "
+                   "occlusion; default: ig)")
+    p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
+    p.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/explain)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top classes, heatmaps, paths) instead of the paths")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (default: 3)")
+    p.add_argument("--count", type=int, default=8, metavar="N", help="test images explained when no image is given (default: 8)")
+    p.add_argument("--run-pictures", action=argparse.BooleanOptionalAction, default=True,
+                   help="also draw the run's filters, activations, feature map and confused pairs (default: on)")
+    p.add_argument("--embedding", default="umap", choices=get_args(Embedding), metavar="NAME",
+                   help="the feature map's method: umap (umap-learn) or tsne (scikit-learn) (default: umap)")
+    p.add_argument("--map-size", type=int, default=3000, metavar="N", help="test images in the feature map (default: 3000)")
+    p.add_argument("--data-dir", help=data_dir_help)
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("export", help="export a trained model to ONNX",
                        description="Write the model as ONNX: input float32 pixels 0..255 of shape "
                        "(N, 1, 28, 28), normalisation included; outputs logits and probabilities; "
@@ -480,9 +532,10 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("serve", help="HTTP prediction service with a web page",
                        description="Serve a model over HTTP: POST /v1/predict (multipart field "
-                       "'file'), GET /v1/classes, GET /healthz, the OpenAPI description at "
-                       "/openapi.json (its page at /docs with --docs) and a web page at /. Set "
-                       "FMNIST_API_KEY (or --api-key) before binding beyond loopback. Needs the serve extra.")
+                       "'file'), POST /v1/explain (the same, plus a heatmap; the explain extra), GET "
+                       "/v1/classes, GET /healthz, the OpenAPI description at /openapi.json (its page "
+                       "at /docs with --docs) and a web page at /. Set FMNIST_API_KEY (or --api-key) "
+                       "before binding beyond loopback. Needs the serve extra.")
     add_model_arg(p)
     add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)

@@ -654,16 +654,25 @@ def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.nda
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FmnistError(f"{directory}: cannot create folder ({e.strerror})") from None
-    written, used = [], set()
-    for name, image in inputs:
+    written = []
+    for stem, (_, image) in zip(file_stems([name for name, _ in inputs]), inputs, strict=True):
+        path = directory / f"{stem}.png"
+        with atomic_open(path) as f:
+            f.write(input_png(image))
+        written.append(path)
+    return written
+
+
+def file_stems(names: Sequence[str]) -> list[str]:
+    """A distinct file name stem per input name (`input_stem`; a stem taken twice gets -2,
+    -3...)."""
+    stems, used = [], set()
+    for name in names:
         stem = input_stem(name)
         candidate, n = stem, 1
         while candidate in used:
             n += 1
             candidate = f"{stem}-{n}"
         used.add(candidate)
-        path = directory / f"{candidate}.png"
-        with atomic_open(path) as f:
-            f.write(input_png(image))
-        written.append(path)
-    return written
+        stems.append(candidate)
+    return stems

@@ -82,6 +82,18 @@ def flops_per_image(model: nn.Module) -> int:
     return counter.get_total_flops()
 
 
+class MirrorAverage(nn.Module):
+    """A network whose logits are the mean of the image's and its mirror image's, as `predict`
+    and `evaluate` score a model trained with mirror images (model.json "tta")."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28)
+        return (self.model(x) + self.model(x.flip(3))) / 2  # (B, classes)
+
+
 # ----------------------------------------------------------------------------- networks
 
 

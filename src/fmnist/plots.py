@@ -26,7 +26,8 @@ from fmnist.run import RunDir  # noqa: E402
 AS_THE_MODEL_SEES = "gray"
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a figure as PNG atomically and close it."""
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -42,7 +43,7 @@ def plot_cost(steps, losses, lr: float, path: Path) -> None:
     ax.set_xlabel("Iterations")
     ax.set_title(f"Learning rate = {lr:g}")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, class_names, path: Path, per_class: int = 8) -> None:
@@ -60,7 +61,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, class_names, path: Path
                 ax.imshow(images[idx[j]], cmap=AS_THE_MODEL_SEES, vmin=0, vmax=255)
         axes[c, 0].text(-4, 14, class_names[c], ha="right", va="center", fontsize=9)
     fig.suptitle("Fashion-MNIST training examples")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(confusion, class_names, path: Path) -> None:
@@ -79,7 +80,7 @@ def plot_confusion(confusion, class_names, path: Path) -> None:
     accuracy = np.trace(cm) / max(cm.sum(), 1)
     ax.set_title(f"Confusion matrix (test accuracy {accuracy:.2%})")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_misclassified(images, labels, predictions, class_names, path: Path, count: int = 36) -> None:
@@ -95,7 +96,7 @@ def plot_misclassified(images, labels, predictions, class_names, path: Path, cou
         ax.imshow(images[i], cmap=AS_THE_MODEL_SEES, vmin=0, vmax=255)
         ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]}", fontsize=7)
     fig.suptitle(f"Misclassified test images (first {len(wrong)})")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_plots(run: RunDir, train_images, train_labels, test_images, test_labels, evaluation,
@@ -158,4 +159,4 @@ def plot_reliability(logits, labels, temperature: float, path: Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Reliability on the test set")
-    _save(fig, path)
+    save_figure(fig, path)

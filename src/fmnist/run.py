@@ -10,6 +10,7 @@ through `RunDir` and `ModelMeta`; nobody else spells a file name or a key.
         last.pt, best.pt     training state to resume from (`fmnist.checkpoint`)
         *.png                plots (`fmnist.plots`)
         tensorboard/         event files, with `fmnist train --tensorboard`
+        explain/             pictures of what the model learnt, by `fmnist explain` (`fmnist.explain`)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ OOD_FILE = "ood.safetensors"  # the training examples the out-of-distribution sc
 LAST_STATE = "last.pt"  # training state of the latest checkpoint
 BEST_STATE = "best.pt"  # training state at the best validation accuracy
 TENSORBOARD_DIR = "tensorboard"
+EXPLAIN_DIR = "explain"
 PLOT_FILES = ("cost.png", "samples.png", "confusion_matrix.png", "misclassified.png")
 RELIABILITY_FILE = "reliability.png"  # drawn when the run is calibrated
 
@@ -247,6 +249,7 @@ class RunDir:
     last_state = property(lambda self: self.path / LAST_STATE)
     best_state = property(lambda self: self.path / BEST_STATE)
     tensorboard_dir = property(lambda self: self.path / TENSORBOARD_DIR)
+    explain_dir = property(lambda self: self.path / EXPLAIN_DIR)
 
     def plot_paths(self) -> list[Path]:
         return [self.path / name for name in PLOT_FILES]

@@ -5,7 +5,8 @@
     curl -F file=@shoe.jpg http://127.0.0.1:8000/v1/predict
 
 Endpoints: POST /v1/predict (one image in the multipart field `file`; `?top_k=3`,
-`?input=true` adds the 28x28 image the model saw as a PNG data URL), GET /v1/classes,
+`?input=true` adds the 28x28 image the model saw as a PNG data URL), POST /v1/explain (the same
+upload; the prediction plus an attribution heatmap, with the `explain` extra), GET /v1/classes,
 GET /healthz, the OpenAPI schema at /openapi.json (and its page at /docs with --docs), the web
 page at /. Needs the `serve` extra.
 
@@ -43,6 +44,7 @@ import numpy as np
 
 from fmnist import FmnistError
 from fmnist.config import ServeConfig
+from fmnist.explain import attribute, check_captum, heatmap_json, overlay_png
 from fmnist.images import ImageError, input_png, load_pixels, open_image, prepare_image
 from fmnist.predict import Predictor, load_model
 
@@ -54,6 +56,7 @@ MAX_PARTS = 4  # multipart parts in an upload: one file, perhaps a field or two
 MAX_PART_HEADER_BYTES = 8 * 1024  # header bytes of one multipart part
 RETRY_AFTER = "1"  # seconds, told to clients refused for overload
 WARMUP_SECONDS = 20.0  # most start-up time spent running the model at each batch size
+EXPLAIN_QUEUE = 16  # explanations admitted at once (each ~50-100 ms of CPU); more get 503
 
 
 class HTTPError(Exception):
@@ -343,6 +346,45 @@ def query_options(params, num_classes: int) -> tuple[int, bool]:
     return int(raw), flag in ("true", "1", "yes")
 
 
+def explanation(predictor: Predictor, image: np.ndarray, target: int) -> dict[str, Any]:
+    """The integrated-gradients heatmap of a prepared image for class `target`: 28x28 numbers
+    and the overlay as a PNG data URL. Raises HTTPError 501 without captum."""
+    try:
+        check_captum()
+    except FmnistError as e:
+        raise HTTPError(501, str(e)) from None
+    heatmap = attribute(predictor, image[None], "ig", target=[target])[0]
+    png = base64.b64encode(overlay_png(image, heatmap)).decode()
+    return {"method": "ig", "target": predictor.class_names[target], "heatmap": heatmap_json(heatmap),
+            "png": "data:image/png;base64," + png}
+
+
+class Explainer:
+    """Attributions for /v1/explain: one at a time in their own thread beside the batcher, so
+    predictions never wait behind them; at most EXPLAIN_QUEUE at once, more get 503."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="fmnist-explain")
+        self.admitted = 0
+
+    def start(self) -> None:
+        self.executor.submit(check_captum)  # import captum (seconds) before the first request needs it
+
+    async def explain(self, image: np.ndarray, target: int) -> dict[str, Any]:
+        if self.admitted >= EXPLAIN_QUEUE:
+            raise overloaded(f"the service is busy: {self.admitted} explanations in progress")
+        self.admitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, explanation, self.predictor, image, target)
+        finally:
+            self.admitted -= 1
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -408,13 +450,16 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
     config = config or ServeConfig()
     batcher = Batcher(predictor, config.max_batch, max_waiting=2 * config.max_queue)
     uploads = Uploads(config)
+    explainer = Explainer(predictor)
 
     async def lifespan(app):
         batcher.start()
+        explainer.start()
         await warm_up(predictor, batcher, uploads)
         yield
         await batcher.stop()
         uploads.shutdown()
+        explainer.shutdown()
 
     run_name = predictor.run_dir.name if predictor.run_dir is not None else "memory"
     app = FastAPI(
@@ -445,9 +490,16 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         return error(500, "internal error")
 
     upload_schema = upload_openapi(len(predictor.class_names))
+    explain_schema = {**upload_schema, "responses": {
+        **upload_schema["responses"],
+        "200": {"description": "the prediction, as /v1/predict answers it, plus `explanation`: "
+                "method, target (the top class), heatmap (28x28 integrated gradients) and png "
+                "(the heatmap over the input, a PNG data URL)"},
+        "501": {"description": "the service runs without the explain extra (captum)"},
+    }}
 
-    @app.post("/v1/predict", openapi_extra=upload_schema)
-    async def predict(request: Request):
+    async def prediction(request: Request) -> tuple[np.ndarray, dict[str, Any]]:
+        """The prepared upload and the answer of /v1/predict for it."""
         # Query parameters parsed here rather than declared: FastAPI's dependency solving
         # costs about a tenth of a request's CPU time. They are documented in upload_schema.
         top_k, want_input = query_options(request.query_params, len(predictor.class_names))
@@ -457,6 +509,18 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
         result: dict[str, Any] = predictor.describe(row[None], scores, top_k)[0]
         if want_input:
             result["input"] = "data:image/png;base64," + base64.b64encode(input_png(prepared)).decode()
+        return prepared, result
+
+    @app.post("/v1/predict", openapi_extra=upload_schema)
+    async def predict(request: Request):
+        _, result = await prediction(request)
+        return JSONResponse(result)
+
+    @app.post("/v1/explain", openapi_extra=explain_schema)
+    async def explain(request: Request):
+        """What the model looked at: the prediction plus a heatmap for its top class."""
+        prepared, result = await prediction(request)
+        result["explanation"] = await explainer.explain(prepared, result["top"][0]["index"])
         return JSONResponse(result)
 
     @app.get("/v1/classes")

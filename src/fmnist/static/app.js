@@ -1,5 +1,6 @@
 // The fmnist web page: send a chosen, dropped or drawn picture to POST /v1/predict and show
-// the 28x28 image the model saw with the top classes. No libraries, no external assets.
+// the 28x28 image the model saw with the top classes, then ask POST /v1/explain for the heatmap
+// of the top class over it. No libraries, no external assets.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -32,6 +33,26 @@ function showPredictions(top) {
   }
 }
 
+let latest = 0;  // the picture shown: a heatmap that arrives for an earlier one is dropped
+
+// The heatmap of the top class over the model's input, beside the bars; hidden when the
+// service has no explanations (501) or any error.
+async function explain(blob, name, picture) {
+  const form = new FormData();
+  form.append("file", blob, name);
+  try {
+    const response = await fetch("/v1/explain?top_k=1", { method: "POST", body: form });
+    if (!response.ok || picture !== latest) return;
+    const { explanation } = await response.json();
+    if (picture !== latest) return;
+    $("explanation").src = explanation.png;
+    $("explanation-caption").textContent = `What the model looked at for ${explanation.target} (red: for, blue: against)`;
+    $("explanation-box").hidden = false;
+  } catch (err) {
+    // no heatmap: the prediction stands on its own
+  }
+}
+
 // A file the browser cannot show (a rejected upload) hides the preview instead of a broken icon.
 for (const img of [$("preview"), $("model-input")]) {
   img.addEventListener("error", () => img.removeAttribute("src"));
@@ -44,6 +65,8 @@ function authHeaders() {
 }
 
 async function classify(blob, name) {
+  const picture = ++latest;
+  $("explanation-box").hidden = true;
   $("preview").src = URL.createObjectURL(blob);
   setStatus(`Classifying ${name}...`);
   const form = new FormData();
@@ -77,6 +100,7 @@ async function classify(blob, name) {
     } else {
       setStatus(`${name}: ${body.top[0].label}`);
     }
+    explain(blob, name, picture);
   } catch (err) {
     setStatus(`Cannot reach the service: ${err}`, true);
   }
