@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import fmnist_cli, write_dataset
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fmnist import data
@@ -111,6 +111,7 @@ def idx_like(draw) -> bytes:
 
 @settings(max_examples=200, deadline=None)
 @given(raw=st.one_of(idx_like(), st.binary(max_size=64)))
+@example(raw=bytes([0, 0, 8, 4]) + struct.pack(">4I", 0, 2**32 - 1, 2**32 - 1, 2**32 - 1))  # empty, overflowing shape
 def test_any_bytes_parse_or_give_one_clear_error(raw):
     try:
         array = data.parse_idx(raw, "x.idx")
@@ -122,6 +123,7 @@ def test_any_bytes_parse_or_give_one_clear_error(raw):
 
 @settings(max_examples=100, deadline=None)
 @given(raw=st.one_of(idx_like(), st.binary(max_size=64)))
+@example(raw=bytes([0, 0, 8, 4]) + struct.pack(">4I", 0, 2**32 - 1, 2**32 - 1, 2**32 - 1))  # empty, overflowing shape
 def test_any_file_loads_or_gives_one_clear_error(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("idx") / "file-ubyte"
     path.write_bytes(raw)

@@ -214,7 +214,10 @@ def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
         )
     if len(raw) > expected:
         raise DataError(f"{name}: {len(raw) - expected} unexpected trailing bytes after the data")
-    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    try:
+        array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    except ValueError:  # an empty array whose other dimensions overflow numpy's index type
+        raise DataError(f"{name}: IDX shape {dims} is too large for an array") from None
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
