@@ -2,11 +2,12 @@
 of the run: the first convolution's filters, one image's activations through the network, a 2-D
 map of the test set's penultimate features (UMAP or t-SNE), the most confused class pairs.
 
-    fmnist explain runs/post                        # into runs/post/explain/: the run's pictures
+    fmnist explain --model runs/post                # into runs/post/explain/: the run's pictures
                                                     # and 8 test images (half misclassified)
-    fmnist explain runs/post boot.jpg coat.png --method gradcam --no-run-pictures
-    fmnist explain runs/post boot.jpg --target "Ankle boot" --json --out seen/
-    fmnist explain runs/post --embedding tsne --map-size 2000
+    fmnist explain runs/post                        # the same (a run folder first is the model)
+    fmnist explain --model runs/post boot.jpg coat.png --method gradcam --no-run-pictures
+    fmnist explain --model runs/post boot.jpg --target "Ankle boot" --json --out seen/
+    fmnist explain --model runs/post --embedding tsne --map-size 2000
     python bench/explain_faithfulness.py runs/post runs/cpu-fast
 
     from fmnist.explain import attribute
