@@ -124,6 +124,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(model: str, serve_args: str = "") -> tuple[subprocess.Popen, str, object]:
+    """`fmnist serve` of a run folder on a free loopback port: the process, its URL and the
+    temporary file its output goes to."""
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--model", model, "--port", str(port),
+                               "--no-access-log", *serve_args.split()], stdout=log, stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}", log
+
+
 def wait_healthy(url: str, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -154,12 +164,7 @@ def main() -> None:
 
     server = None
     if args.model:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "fmnist", "serve", "--model", args.model, "--port", str(port),
-                   "--no-access-log", *args.serve_args.split()]
-        server_log = tempfile.TemporaryFile()
-        server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
+        server, url, server_log = start_server(args.model, args.serve_args)
     else:
         url = args.url.rstrip("/")
     parts = urlsplit(url)

@@ -21,14 +21,12 @@ import asyncio
 import collections
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from serve_load import free_port, png_bodies, wait_healthy
+from serve_load import png_bodies, start_server, wait_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import (  # noqa: E402  (the hostile files the tests use)
@@ -186,11 +184,7 @@ def main() -> None:
         parser.error("give exactly one of --model and --url")
     server = None
     if args.model:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = tempfile.TemporaryFile()
-        server = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--model", args.model, "--port", str(port),
-                                   "--no-access-log", *args.serve_args.split()], stdout=log, stderr=subprocess.STDOUT)
+        server, url, log = start_server(args.model, args.serve_args)
     else:
         url = args.url.rstrip("/")
     host, _, port_text = url.removeprefix("http://").partition(":")

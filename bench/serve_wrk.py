@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from serve_load import free_port, png_bodies, wait_healthy
+from serve_load import png_bodies, start_server, wait_healthy
 
 BOUNDARY = "fmnistbenchboundary"  # png_bodies' boundary
 
@@ -72,11 +72,7 @@ def parse_wrk(output: str) -> dict:
 
 def one_round(args, body_path: str, lua_path: str) -> dict:
     """A fresh server, wrk against it as soon as it is healthy."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen([sys.executable, "-m", "fmnist", "serve", "--model", args.model, "--port", str(port),
-                               "--no-access-log", *args.serve_args.split()], stdout=log, stderr=subprocess.STDOUT)
+    server, url, log = start_server(args.model, args.serve_args)
     try:
         started = time.monotonic()
         wait_healthy(url, 120)
