@@ -26,7 +26,7 @@ from fmnist.checkpoint import save_model  # noqa: E402
 from fmnist.cli import main  # noqa: E402
 from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, Normalization, load_split, to_tensor  # noqa: E402
 from fmnist.evaluate import predict_logits  # noqa: E402
-from fmnist.explain import METHODS, attribute, faithfulness, remove_top  # noqa: E402
+from fmnist.explain import DEFAULT_METHOD, METHODS, attribute, faithfulness, remove_top  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
 from fmnist.predict import load_model  # noqa: E402
 from fmnist.run import ModelMeta, RunDir  # noqa: E402
@@ -101,7 +101,7 @@ def test_target_by_name_index_or_per_image(synthetic):
     for bad, message in (("Hat", "unknown class 'Hat'"), (10, "outside 0..9"), ([1], "1 targets for 2 images")):
         with pytest.raises(FmnistError, match=message):
             attribute(predictor, images, target=bad)
-    with pytest.raises(FmnistError, match="unknown attribution method 'lime'; choose one of ig, gradcam, occlusion"):
+    with pytest.raises(FmnistError, match="unknown attribution method 'lime'; choose one of occlusion, ig, gradcam"):
         attribute(predictor, images, "lime")
     assert attribute(predictor, images[:0]).shape == (0, 28, 28)
 
@@ -163,7 +163,7 @@ def test_explain_command_writes_the_run_pictures_and_test_images(synthetic, tmp_
     names = {p.rsplit("/", 1)[1] for p in paths}
     assert len(paths) == len(names) == 8
     assert {"filters.png", "activations.png", "feature_map-tsne.png", "confused_pairs.png"} <= names
-    assert len([n for n in names if n.startswith("test-") and n.endswith("-ig.png")]) == 4
+    assert len([n for n in names if n.startswith("test-") and n.endswith("-occlusion.png")]) == 4
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 200
@@ -229,7 +229,7 @@ def test_explain_command_takes_the_newest_run_and_says_so(synthetic, tmp_path, c
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, "explain", "item.png", "--no-run-pictures")
     assert code == 0, err
-    assert out.split() == [str(RunDir(newest).explain_dir.relative_to(tmp_path) / "item-ig.png")]
+    assert out.split() == [str(RunDir(newest).explain_dir.relative_to(tmp_path) / "item-occlusion.png")]
     assert "using runs/newest" in err
 
 
@@ -275,9 +275,10 @@ def test_service_explains_the_predicted_class(synthetic):
         assert status == 415 and list(refused) == ["detail"]
     explanation = explained.pop("explanation")
     assert explained == predicted  # the same prediction object as /v1/predict
-    assert explanation["method"] == "ig" and explanation["target"] == CLASS_NAMES[labels[0]]
+    assert explanation["method"] == DEFAULT_METHOD == "occlusion"
+    assert explanation["target"] == CLASS_NAMES[labels[0]]
     heatmap = np.asarray(explanation["heatmap"])
-    expected = attribute(load_model(run), [Image.open(io.BytesIO(png(images[0])))], "ig")[0]  # as uploaded
+    expected = attribute(load_model(run), [Image.open(io.BytesIO(png(images[0])))])[0]  # as uploaded
     np.testing.assert_allclose(heatmap, expected, rtol=1e-3, atol=1e-6)
     assert explanation["png"].startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(explanation["png"].split(",", 1)[1]))) as overlay:
@@ -323,10 +324,11 @@ def test_service_admits_a_bounded_number_of_explanations(monkeypatch):
 # ----------------------------------------------------------------------------- faithfulness
 
 
-def test_integrated_gradients_point_at_the_pixels_the_prediction_rests_on(trained_run, data_dir):
+def test_the_default_method_points_at_the_pixels_the_prediction_rests_on(trained_run, data_dir):
     """Removing (blackening) the 5% of pixels with the highest attribution lowers the predicted
     class's probability far more than removing as many of the object's pixels at random."""
     images, _ = load_split("test", data_dir)
-    result = faithfulness(load_model(trained_run), images[:64], "ig")
+    result = faithfulness(load_model(trained_run), images[:64])
+    assert result.method == DEFAULT_METHOD
     assert result.attributed_drop >= 0.2
     assert result.ratio >= 3, result

@@ -501,10 +501,10 @@ def build_parser() -> Parser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="picture, .npy or IDX file (default: test "
                    "images); a run folder given first is the model, as with --model")
     add_model_arg(p)
-    p.add_argument("--method", default="ig", choices=get_args(Attribution), metavar="NAME",
-                   help="ig: integrated gradients from the black image; gradcam: Grad-CAM on the last "
-                   "convolution; occlusion: a 3x3 black patch slid over the image (one of: ig, gradcam, "
-                   "occlusion; default: ig)")
+    p.add_argument("--method", default="occlusion", choices=get_args(Attribution), metavar="NAME",
+                   help="occlusion: a 3x3 black patch slid over the image; ig: integrated gradients from "
+                   "the black image; gradcam: Grad-CAM on the last convolution (one of: occlusion, ig, "
+                   "gradcam; default: occlusion, the most faithful)")
     p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
     p.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/explain)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top classes, heatmaps, paths) instead of the paths")

@@ -21,7 +21,7 @@ Schedule = Literal["constant", "cosine", "onecycle"]
 Precision = Literal["auto", "fp32", "bf16"]
 Init = Literal["default", "normal"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
-Attribution = Literal["ig", "gradcam", "occlusion"]  # fmnist explain --method
+Attribution = Literal["occlusion", "ig", "gradcam"]  # fmnist explain --method
 Embedding = Literal["umap", "tsne"]  # fmnist explain --embedding
 
 # Decoded pixels of one image (after JPEG's draft scaling), checked from its header: <= 100 MB RGBA.

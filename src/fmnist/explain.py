@@ -11,7 +11,7 @@ map of the test set's penultimate features (UMAP or t-SNE), the most confused cl
     python bench/explain_faithfulness.py runs/post runs/cpu-fast
 
     from fmnist.explain import attribute
-    heatmaps = attribute(load_model("runs/post"), images, method="ig")   # (N, 28, 28) float32
+    heatmaps = attribute(load_model("runs/post"), images)   # (N, 28, 28) float32, occlusion
 
 Needs the `explain` extra (captum; umap-learn for the map): pip install 'fmnist[explain]'.
 Attributions are for the network as `predict` runs it: a model trained with mirror images is
@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fmnist import FmnistError  # noqa: E402
@@ -46,6 +47,9 @@ from fmnist.predict import Predictor, load_model  # noqa: E402
 from fmnist.run import RunDir  # noqa: E402
 
 METHODS: tuple[str, ...] = get_args(Attribution)
+# The default: the method whose top pixels, removed, lower the probability most against random
+# ones on both the post's network and cpu-fast (README, "Explain"; bench/explain_faithfulness.py).
+DEFAULT_METHOD = "occlusion"
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
 IG_STEPS = 50  # integration steps from the black image: enough for the attributions to sum to the logit change
 IG_BATCH = 256  # images per forward and backward pass while integrating: bounds memory (wide ResNets)
@@ -139,15 +143,16 @@ def targets_for(predictor: Predictor, images: np.ndarray, target=None) -> np.nda
 # ----------------------------------------------------------------------------- attributions
 
 
-def attribute(predictor: Predictor, images, method: str = "ig", target=None) -> np.ndarray:
+def attribute(predictor: Predictor, images, method: str = DEFAULT_METHOD, target=None) -> np.ndarray:
     """Attribution heatmaps (N, 28, 28) float32 of uint8 images (N, 28, 28) (or anything
     `prepare_batch` takes) for the predicted class, or `target`: a class index or name for all
     images, or one per image. Positive: the pixel's brightness speaks for the class.
 
-    - "ig": integrated gradients from the black image (the dataset's background) to the image;
-      the attributions of an image add up to its logit minus the black image's.
+    - "occlusion" (the default): how much the class's logit falls when a 3x3 patch around the
+      pixel is set to black (the dataset's background).
+    - "ig": integrated gradients from the black image to the image; the attributions of an
+      image add up to its logit minus the black image's.
     - "gradcam": Grad-CAM on the last convolution, upsampled to 28x28 (bilinear); non-negative.
-    - "occlusion": how much the logit falls when a 3x3 patch around the pixel is set to black.
 
     A model trained with mirror images is scored, as `predict` does, on the mean of the image's
     and its mirror's logits: integrated gradients and occlusion run through exactly that mean.
@@ -174,6 +179,12 @@ def attribute(predictor: Predictor, images, method: str = "ig", target=None) -> 
                 a = attr.Occlusion(scored_network(predictor)).attribute(
                     x, sliding_window_shapes=window, strides=(1, 1, 1), baselines=black, target=t,
                     perturbations_per_eval=OCCLUSION_BATCH)
+                # Where every patch over a pixel was black already, nothing changed: exactly 0, not
+                # the rounding noise of another batch's arithmetic. (Those patches reach up to
+                # 2 * (window - 1) pixels across.)
+                reach = 2 * OCCLUSION_WINDOW - 1
+                changed = F.max_pool2d((x != black).float(), reach, stride=1, padding=reach // 2)
+                a = a * changed
             else:
                 a = _gradcam(attr, predictor, x, t)
             maps.append(a.detach()[:, 0].float().numpy())
@@ -225,7 +236,7 @@ class Faithfulness:
         return self.attributed_drop / max(self.random_drop, 1e-12)
 
 
-def faithfulness(predictor: Predictor, images: np.ndarray, method: str = "ig",
+def faithfulness(predictor: Predictor, images: np.ndarray, method: str = DEFAULT_METHOD,
                  fraction: float = REMOVED_FRACTION, repeats: int = 3, seed: int = 0) -> Faithfulness:
     """The deletion check of `attribute` on uint8 images (N, 28, 28), for the predicted class."""
     images = prepare_batch(images)
@@ -459,7 +470,7 @@ def sample_test_images(predicted: np.ndarray, labels: np.ndarray, count: int, se
     return np.sort(np.concatenate(chosen).astype(int))
 
 
-def explain_images(predictor: Predictor, names: Sequence[str], images: np.ndarray, out: Path, method: str = "ig",
+def explain_images(predictor: Predictor, names: Sequence[str], images: np.ndarray, out: Path, method: str = DEFAULT_METHOD,
                    target=None, top_k: int = 3, titles: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Write `<stem>-<method>.png` per image into `out`; per image: its file name, top classes
     and out-of-distribution fields (as `predict`), the class explained, its heatmap (28x28
@@ -499,7 +510,7 @@ def write_run_pictures(predictor: Predictor, out: Path, test_images: np.ndarray,
     return [str(p) for p in paths]
 
 
-def explain_run(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), method: str = "ig",
+def explain_run(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), method: str = DEFAULT_METHOD,
                 target: int | str | None = None, out: str | os.PathLike | None = None, embedding: str = "umap",
                 map_size: int = MAP_SIZE, count: int = SAMPLE_COUNT, run_pictures: bool = True,
                 top_k: int = 3, data_dir=None) -> Explained:

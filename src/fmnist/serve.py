@@ -44,7 +44,7 @@ import numpy as np
 
 from fmnist import FmnistError
 from fmnist.config import ServeConfig
-from fmnist.explain import attribute, check_captum, heatmap_json, overlay_png
+from fmnist.explain import DEFAULT_METHOD, attribute, check_captum, heatmap_json, overlay_png
 from fmnist.images import ImageError, input_png, load_pixels, open_image, prepare_image
 from fmnist.predict import Predictor, load_model
 
@@ -347,15 +347,15 @@ def query_options(params, num_classes: int) -> tuple[int, bool]:
 
 
 def explanation(predictor: Predictor, image: np.ndarray, target: int) -> dict[str, Any]:
-    """The integrated-gradients heatmap of a prepared image for class `target`: 28x28 numbers
-    and the overlay as a PNG data URL. Raises HTTPError 501 without captum."""
+    """The heatmap (the default method's, occlusion) of a prepared image for class `target`:
+    28x28 numbers and the overlay as a PNG data URL. Raises HTTPError 501 without captum."""
     try:
         check_captum()
     except FmnistError as e:
         raise HTTPError(501, str(e)) from None
-    heatmap = attribute(predictor, image[None], "ig", target=[target])[0]
+    heatmap = attribute(predictor, image[None], DEFAULT_METHOD, target=[target])[0]
     png = base64.b64encode(overlay_png(image, heatmap)).decode()
-    return {"method": "ig", "target": predictor.class_names[target], "heatmap": heatmap_json(heatmap),
+    return {"method": DEFAULT_METHOD, "target": predictor.class_names[target], "heatmap": heatmap_json(heatmap),
             "png": "data:image/png;base64," + png}
 
 
@@ -493,7 +493,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
     explain_schema = {**upload_schema, "responses": {
         **upload_schema["responses"],
         "200": {"description": "the prediction, as /v1/predict answers it, plus `explanation`: "
-                "method, target (the top class), heatmap (28x28 integrated gradients) and png "
+                "method, target (the top class), heatmap (28x28 occlusion attributions) and png "
                 "(the heatmap over the input, a PNG data URL)"},
         "501": {"description": "the service runs without the explain extra (captum)"},
     }}
