@@ -48,8 +48,9 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     run = args.run
     if run is None:  # a run folder with untrained weights, so the export path can be timed too
-        run = RunDir.create(Path(tmp.name) / "random", "post")
-        save_model(run, build_model("post"), ModelMeta("post", {}, list(CLASS_NAMES), Normalization()))
+        random_run = RunDir.create(Path(tmp.name) / "random", "post")
+        save_model(random_run, build_model("post"), ModelMeta("post", {}, list(CLASS_NAMES), Normalization()))
+        run = random_run.path  # export_onnx takes the folder's path
     model, meta = load_network(run)
     raw, labels = load_split("test")
     images = to_tensor(raw, meta.normalization.mean, meta.normalization.std)

@@ -1,14 +1,34 @@
 """The post's training configuration (500 steps of 128) through `fmnist.train` and through a
-plain PyTorch loop of the same network written as a user would, side by side in one run.
+plain PyTorch loop of the same network written as a user would, side by side in one run, with
+optional peers in other frameworks (bench/peers.py).
 
-    python bench/train_speed.py                 # 3 repeats of each, medians and the ratio
+    python bench/train_speed.py                 # 3 repeats of each, medians and the ratios
     python bench/train_speed.py --steps 100 --repeats 5 --json bench/train_speed.json
-    python bench/train_speed.py --device cuda        # on a GPU
+    python bench/train_speed.py --device cuda        # on a GPU (the peers stay on the CPU)
+    python bench/train_speed.py --peers tf           # only the TF graph among the peers
+    python bench/train_speed.py --peers none         # fmnist and the plain loop alone
 
 The plain loop: NCHW tensors, ReLU then pooling, torch.optim.Adam with its defaults, batches
 sliced from the same in-memory tensors (so data loading is not what is compared). The fmnist
 figure is its training loop alone (`train_seconds`), measured once with the default precision
 and once with `--precision fp32`.
+
+The peers, each run when its package is installed and otherwise skipped with a note:
+  tf         the post's own graph in TensorFlow (tf.compat.v1: placeholders, a session, weights
+             and biases ~ N(0, 1), AdamOptimizer 1e-3, dropout keep 0.75), the training loop
+             alone: the graph is built and its variables initialised before the clock starts
+  keras      the same network in Keras 3 (Keras' initialisation), the time of `model.fit` alone,
+             one epoch of `steps` batches
+  lightning  a LightningModule of the plain network, `Trainer.fit(max_steps=steps)` on the CPU
+             without checkpoints, logger or progress bar, a DataLoader over in-memory tensors
+Install them beside the CPU torch already there (the constraint keeps it; lightning requires
+torch, and a bare torch requirement could pull a multi-GB CUDA build):
+
+    pip install -r bench/requirements-peers.txt -c bench/constraints-peers.txt
+
+The table gives each variant's median time, its ratio to the plain loop and to the TF graph
+(lower is faster), and its test accuracy after training (median, measured outside the clock;
+the TF graph starts from the post's N(0, 1) weights, the others from their frameworks' own).
 """
 
 from __future__ import annotations
@@ -23,15 +43,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peers import TF_GRAPH, TRAINERS, Outcome, load_peers, peers_flag, versions
 from plain import PlainNet
 
 from fmnist.config import TrainConfig
 from fmnist.data import load_split, to_tensor
 from fmnist.device import autocast_dtype, resolve_device
+from fmnist.evaluate import predict_logits
 from fmnist.train import train
 
+PEER_LABELS = {"tf": TF_GRAPH, "keras": "Keras 3 model.fit",
+               "lightning": "Lightning Trainer.fit"}
 
-def plain_loop(images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, seed: int) -> float:
+
+def plain_loop(train_set, test_set, steps: int, batch_size: int, seed: int) -> Outcome:
+    images, labels = train_set
     torch.manual_seed(seed)
     model = PlainNet().to(images.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -44,14 +70,23 @@ def plain_loop(images: torch.Tensor, labels: torch.Tensor, steps: int, batch_siz
         loss.backward()
         optimizer.step()
         loss.item()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    predictions = predict_logits(model, test_set[0]).argmax(1)
+    return Outcome(seconds, (predictions == test_set[1]).float().mean().item())
 
 
-def fmnist_loop(steps: int, batch_size: int, seed: int, precision: str, device: str) -> float:
+def fmnist_loop(steps: int, batch_size: int, seed: int, precision: str, device: str) -> Outcome:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, precision=precision,
                           out=str(Path(tmp) / "run"), plots=False, device=device)
-        return train(cfg, progress=False, log=lambda *_: None).train_seconds
+        result = train(cfg, progress=False, log=lambda *_: None)
+        return Outcome(result.train_seconds, result.test.accuracy)
+
+
+def split(name: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, 28, 28) as pixels / 255, the post's input, and labels (N,)."""
+    raw, labels = load_split(name)
+    return to_tensor(raw, device=device), torch.as_tensor(labels, device=device)
 
 
 def main() -> None:
@@ -59,32 +94,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="optimiser steps per measurement")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each, interleaved")
-    parser.add_argument("--device", default="cpu", help="device of both loops (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="device of fmnist and the plain loop (default: cpu)")
+    peers_flag(parser, tuple(TRAINERS))
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
+    loaded, notes = load_peers(args.peers)
+    for note in notes:
+        print(note)
     device = resolve_device(args.device)
-    raw, labels = load_split("train")
-    images, labels = to_tensor(raw, device=device), torch.as_tensor(labels, device=device)
+    cpu_train, cpu_test = split("train"), split("test")
+    train_set = tuple(t.to(device) for t in cpu_train)
+    test_set = tuple(t.to(device) for t in cpu_test)
     native = "bf16" if autocast_dtype("auto", device) else "fp32"
-    runs = {"plain PyTorch loop": [], f"fmnist train (default: {native})": [], "fmnist train --precision fp32": []}
-    names = list(runs)
+    variants = {
+        "plain PyTorch loop": lambda s: plain_loop(train_set, test_set, args.steps, args.batch_size, s),
+        f"fmnist train (default: {native})": lambda s: fmnist_loop(args.steps, args.batch_size, s, "auto", args.device),
+        "fmnist train --precision fp32": lambda s: fmnist_loop(args.steps, args.batch_size, s, "fp32", args.device),
+    }
+    for name, module in loaded.items():
+        variants[PEER_LABELS[name]] = (lambda s, run=TRAINERS[name], m=module:
+                                       run(m, cpu_train, cpu_test, args.steps, args.batch_size, s))
+    runs = {name: [] for name in variants}
     for r in range(args.repeats):
-        runs[names[0]].append(plain_loop(images, labels, args.steps, args.batch_size, r))
-        runs[names[1]].append(fmnist_loop(args.steps, args.batch_size, r, "auto", args.device))
-        runs[names[2]].append(fmnist_loop(args.steps, args.batch_size, r, "fp32", args.device))
+        for name, run in variants.items():
+            runs[name].append(run(r))
 
-    base = statistics.median(runs[names[0]])
+    seconds = {name: statistics.median(o.seconds for o in outcomes) for name, outcomes in runs.items()}
+    base, tf_graph = seconds["plain PyTorch loop"], seconds.get(TF_GRAPH)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"{args.steps} steps of {args.batch_size} on {hardware}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}")
-    print(f"{'variant':<34} {'seconds':>8} {'ms/step':>8} {'images/s':>9} {'ratio':>6}")
+    print(f"{args.steps} steps of {args.batch_size} on {hardware}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}{', ' + versions(loaded) if loaded else ''}, median of {args.repeats}")
+    print(f"{'variant':<34} {'seconds':>8} {'ms/step':>8} {'images/s':>9} {'vs plain':>8} {'vs TF':>6} {'accuracy':>8}")
     results = {}
-    for name, times in runs.items():
-        t = statistics.median(times)
-        results[name] = {"seconds": t, "all": times, "ratio_to_plain": t / base}
-        print(f"{name:<34} {t:8.2f} {1000 * t / args.steps:8.1f} "
-              f"{args.steps * args.batch_size / t:9.0f} {t / base:6.2f}")
+    for name, outcomes in runs.items():
+        t = seconds[name]
+        accuracy = statistics.median(o.accuracy for o in outcomes)
+        results[name] = {"seconds": t, "all": [o.seconds for o in outcomes], "ratio_to_plain": t / base,
+                         "ratio_to_tf_graph": t / tf_graph if tf_graph else None, "accuracy": accuracy}
+        vs_tf = f"{t / tf_graph:6.2f}" if tf_graph else f"{'-':>6}"
+        print(f"{name:<34} {t:8.2f} {1000 * t / args.steps:8.1f} {args.steps * args.batch_size / t:9.0f} "
+              f"{t / base:8.2f} {vs_tf} {accuracy:8.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
