@@ -184,7 +184,7 @@ def test_train_help_groups_the_flags_and_says_each_default_once(capsys):
         block = " ".join(text[text.index(f"  {flag} "):].split("\n  --")[0].split())
         assert "one of: " in block, block
     for choices in ("one of: adam, adamw, sgd", "one of: constant, cosine, onecycle", "one of: auto, fp32, bf16",
-                    "one of: post, cpu-fast, gpu-fast, best"):
+                    "one of: post, cpu-fast, cpu-fast-v1, gpu-fast, best"):
         assert choices in " ".join(text.split()), choices
     assert "in (0, 1]; default: 0.75" in " ".join(text.split())  # --keep-prob: its range and default
 
@@ -208,6 +208,7 @@ def test_presets_command_lists_recipes_and_measured_figures():
     assert result.returncode == 0, result.stderr
     for name in PRESETS:
         assert f"\n{name}: " in "\n" + result.stdout
+    assert "--model fast2 --normalize --epochs 17 --batch-size 256 --optimizer sgd --lr 0.2" in result.stdout
     assert "--model fast --normalize --epochs 10 --batch-size 256 --optimizer sgd --lr 0.2" in result.stdout
     assert "81.92% with --init normal" in result.stdout and "measured: 93.14" in result.stdout
     rows = json.loads(fmnist_cli("presets", "--json").stdout)

@@ -48,7 +48,7 @@ def ladder(quick: bool, include_best: bool) -> list[Rung]:
         Rung("06-ema", "an exponential moving average of the weights, evaluated and saved",
              {"ema": 0.99 if quick else 0.998}),
         Rung("07-tta", "test-time augmentation: each image and its mirror image", {"tta": True}),
-        Rung("08-network", "a better network for the CPU (`fast`, the cpu-fast preset's)",
+        Rung("08-network", "a better network for the CPU (`fast`, the cpu-fast-v1 preset's)",
              {"model": "fast", "lr": 0.2}),
     ]
     if include_best:
