@@ -206,6 +206,38 @@ def test_detector_round_trips_through_its_saved_form(calibrated_run, shared_synt
     torch.testing.assert_close(again.score(raw, features), d.score(raw, features), atol=2e-3, rtol=0)
 
 
+def test_features_ignore_passes_of_the_network_made_by_another_thread():
+    """The service explains through the same network in another thread while predictions take
+    features from it: a pass made by that thread in the middle of a prediction's is not kept."""
+    import threading
+
+    from fmnist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fast").eval()
+    images = torch.randn(6, 1, 28, 28)
+    _, alone = logits_and_features(model, images, tta=True)
+
+    class Interleaved(torch.nn.Module):
+        """The network, with another thread's pass (of 5 other images) in the middle of each."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            out = self.net(x)
+            other = threading.Thread(target=lambda: self.net(torch.randn(5, 1, 28, 28)))
+            other.start()
+            other.join()
+            return out
+
+    _, interleaved = logits_and_features(Interleaved(), images, tta=True)
+    assert alone.keys() == interleaved.keys() == {"first_conv", "last_conv"}
+    for name, features in alone.items():
+        torch.testing.assert_close(interleaved[name], features)
+
+
 # ----------------------------------------------------------------------------- real data
 
 

@@ -25,6 +25,7 @@ examples in ood.safetensors beside it.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,9 +126,14 @@ def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = Fals
     ({layer: (N, 2 x channels)}); with `tta`, all averaged over each image and its mirror
     image, as predictions are."""
     layers, pooled = probed_layers(model), {}
+    # The service runs explanations through the same network in another thread: only this
+    # thread's passes are kept.
+    caller = threading.get_ident()
 
     def keeper(name):
         def keep(module, inputs, output):
+            if threading.get_ident() != caller:
+                return
             output = output.float()
             pooled.setdefault(name, []).append(torch.cat([output.relu().mean((2, 3)), output.amax((2, 3))], 1))
         return keep
