@@ -295,4 +295,6 @@ def predictors(loaded: dict[str, ModuleType], state: dict[str, torch.Tensor],
     return found
 
 
-TRAINERS = {"tf": train_tf_graph, "keras": train_keras, "lightning": train_lightning}
+# A training peer's name -> its row in the table and the function that trains it.
+TRAINERS = {"tf": (TF_GRAPH, train_tf_graph), "keras": ("Keras 3 model.fit", train_keras),
+            "lightning": ("Lightning Trainer.fit", train_lightning)}

@@ -52,9 +52,6 @@ from fmnist.device import autocast_dtype, resolve_device
 from fmnist.evaluate import predict_logits
 from fmnist.train import train
 
-PEER_LABELS = {"tf": TF_GRAPH, "keras": "Keras 3 model.fit",
-               "lightning": "Lightning Trainer.fit"}
-
 
 def plain_loop(train_set, test_set, steps: int, batch_size: int, seed: int) -> Outcome:
     images, labels = train_set
@@ -113,8 +110,9 @@ def main() -> None:
         "fmnist train --precision fp32": lambda s: fmnist_loop(args.steps, args.batch_size, s, "fp32", args.device),
     }
     for name, module in loaded.items():
-        variants[PEER_LABELS[name]] = (lambda s, run=TRAINERS[name], m=module:
-                                       run(m, cpu_train, cpu_test, args.steps, args.batch_size, s))
+        label, trainer = TRAINERS[name]
+        variants[label] = (lambda s, run=trainer, m=module:
+                           run(m, cpu_train, cpu_test, args.steps, args.batch_size, s))
     runs = {name: [] for name in variants}
     for r in range(args.repeats):
         for name, run in variants.items():
