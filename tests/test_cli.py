@@ -208,7 +208,7 @@ def test_presets_command_lists_recipes_and_measured_figures():
     assert result.returncode == 0, result.stderr
     for name in PRESETS:
         assert f"\n{name}: " in "\n" + result.stdout
-    assert "--model fast2 --normalize --epochs 17 --batch-size 256 --optimizer sgd --lr 0.2" in result.stdout
+    assert "--model post-bn --normalize --epochs 26 --batch-size 256 --optimizer sgd --lr 0.1" in result.stdout
     assert "--model fast --normalize --epochs 10 --batch-size 256 --optimizer sgd --lr 0.2" in result.stdout
     assert "81.92% with --init normal" in result.stdout and "measured: 93.14" in result.stdout
     rows = json.loads(fmnist_cli("presets", "--json").stdout)

@@ -161,7 +161,7 @@ def test_presets_resolve_and_run_on_the_cpu(name, tmp_path):
 
 def test_flags_override_a_preset():
     cfg = resolve_train(preset="cpu-fast", lr=0.05, epochs=1.0)
-    assert (cfg.model, cfg.lr, cfg.epochs, cfg.optimizer) == ("fast2", 0.05, 1.0, "sgd")
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.optimizer) == ("post-bn", 0.05, 1.0, "sgd")
     with pytest.raises(FmnistError, match="unknown preset"):
         resolve_train(preset="turbo")
 

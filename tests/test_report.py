@@ -5,6 +5,7 @@ from helpers import quiet
 
 from fmnist import report
 from fmnist.cli import main
+from fmnist.presets import preset
 from fmnist.report import Rung
 from fmnist.run import RunDir
 
@@ -17,34 +18,62 @@ def tiny_ladder(monkeypatch):
     def short(quick, include_best):
         rungs = real(quick, include_best)
         return [Rung(r.name, r.change, r.overrides | {"steps": 6, "epochs": None, "batch_size": 16,
-                                                     "val_size": 32, "log_every": 3}) for r in rungs]
+                                                     "val_size": 32, "log_every": 3}, r.caveat, r.quick)
+                for r in rungs]
 
     monkeypatch.setattr(report, "ladder", short)
 
 
-@pytest.mark.slow  # 8 runs with their plots: ~15 s, out of the fast tier
+@pytest.mark.slow  # 7 runs with their plots: ~15 s, out of the fast tier
 def test_report_trains_each_rung_and_reuses_them(tiny_ladder, synthetic_dir, tmp_path):
     out = tmp_path / "ladder"
-    path = report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=quiet)
+    path = report.run_ladder(out, data_dir=str(synthetic_dir), progress=False, log=quiet)
     text = path.read_text()
-    names = [r.name for r in report.ladder(True, False)]
-    assert len(names) == 8
+    names = [r.name for r in report.ladder(False, False)]
+    assert len(names) == 7
     for name in names:
         assert f"[{name}]({name}/)" in text
         config = RunDir(out / name).read_config()
         assert config["out"] == str(out / name)
     assert RunDir(out / "01-post").read_config()["init"] == "normal"
-    last = RunDir(out / "08-network").read_config()
-    assert (last["model"], last["translate"], last["flip"], last["tta"]) == ("fast", 2, True, True)
+    last = RunDir(out / "07-ema").read_config()
+    assert (last["model"], last["translate"], last["flip"], last["tta"]) == ("post-bn", 2, True, True)
     assert last["ema"] > 0 and last["schedule"] == "onecycle"
     for image in ("ladder_accuracy.png", "ladder_loss.png"):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
 
     before = {n: RunDir(out / n).weights_path.stat().st_mtime_ns for n in names}
     logs = []
-    report.run_ladder(out, quick=True, data_dir=str(synthetic_dir), progress=False, log=logs.append)
-    assert sum("reusing" in line for line in logs) == 8
+    report.run_ladder(out, data_dir=str(synthetic_dir), progress=False, log=logs.append)
+    assert sum("reusing" in line for line in logs) == 7
     assert before == {n: RunDir(out / n).weights_path.stat().st_mtime_ns for n in names}
+
+
+def test_the_full_ladder_ends_at_the_cpu_fast_preset_or_beyond_it():
+    """Every field the cpu-fast preset sets is reached by some rung of the full ladder with the
+    preset's value, so the ladder shows how that recipe is made."""
+    reached = {}
+    for rung in report.ladder(False, False):
+        reached |= rung.overrides
+        if all(reached.get(k) == v for k, v in preset("cpu-fast").items()):
+            break
+    else:
+        raise AssertionError("no rung holds the cpu-fast preset's recipe")
+
+
+def test_the_quick_ladder_keeps_the_rungs_that_show_at_its_length():
+    quick, full = report.ladder(True, False), report.ladder(False, False)
+    assert [r.name for r in quick] == [r.name for r in full if r.quick]
+    assert quick[-1].overrides["epochs"] == report.QUICK_EPOCHS
+    assert all(r.caveat for r in full if not r.quick)  # the report says why each is left out
+
+
+def test_the_report_says_why_a_rung_fell():
+    rungs = [Rung("01-a", "a", {}), Rung("02-b", "b", {}, caveat="b needs longer"), Rung("03-c", "c", {})]
+    summaries = [{"val": 0.90, "accuracy": 0.89}, {"val": 0.91, "accuracy": 0.88}, {"val": 0.90, "accuracy": 0.90}]
+    text = "\n".join(report._falls(rungs, summaries))
+    assert "**02-b** is below the rung before on test (-1.00): b needs longer" in text
+    assert "**03-c** is below the rung before on validation (-1.00)" in text and "seed" in text
 
 
 def test_report_retrains_only_rungs_whose_recipe_changed(monkeypatch, synthetic_dir, tmp_path):
@@ -83,13 +112,14 @@ def test_report_refuses_a_file_as_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_report_on_real_data_climbs(tmp_path, data_dir):
-    """The --quick ladder on the real data: the top rung beats the post by a wide margin."""
+    """The --quick ladder on the real data: every rung above the one before, on validation and
+    test, and the top one far above the post."""
     assert main(["report", "--quick", "--out", str(tmp_path / "ladder"), "--quiet"]) == 0
-    accuracy = {}
-    for path in sorted((tmp_path / "ladder").iterdir()):
-        run = RunDir(path)
-        if run.meta_path.is_file():
-            accuracy[path.name] = run.read_meta().test_accuracy
-    assert len(accuracy) == 8
-    assert 0.78 <= accuracy["01-post"] <= 0.86
-    assert accuracy["08-network"] >= 0.88 and accuracy["08-network"] > accuracy["01-post"] + 0.04
+    names = [r.name for r in report.ladder(True, False)]
+    metas = [RunDir(tmp_path / "ladder" / name).read_meta() for name in names]
+    test = [m.test_accuracy for m in metas]
+    val = [m.metrics["val_accuracy"] for m in metas]
+    assert 0.78 <= test[0] <= 0.86
+    assert test == sorted(test) and val == sorted(val)
+    assert test[-1] >= 0.91 and test[-1] > test[0] + 0.08
+    assert "is below the rung before" not in (tmp_path / "ladder" / "report.md").read_text()
