@@ -84,8 +84,8 @@ ABOUT = {
     "cpu-fast-v1": About("the first cpu-fast: a small residual network (`fast`) for 10 epochs, otherwise the same",
                          "93.14 ± 0.03% test accuracy (3 seeds) in 153 s on 2 CPU cores, in the same run as cpu-fast's"),
     "gpu-fast": About("cpu-fast's recipe for one GPU: 40 epochs in batches of 512, compiled",
-                      "not yet timed on a GPU (aimed at >= 94% in seconds on one H200); its accuracy on the CPU is in the "
-                      "README"),
+                      "unmeasured: no GPU lent yet, and its 3 seeds not yet run on the CPU (aimed at >= 94% in "
+                      "seconds on one H200)"),
     "best": About("a wide ResNet (WRN-28-10), 40 epochs of SGD cosine, random erasing, EMA, flip test-time "
                   "augmentation, compiled",
                   "95.84% test accuracy in 3.6 min on one H200 (aimed at >= 96% within 10 minutes)"),
