@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fmnist import FmnistError
 from fmnist.config import TrainConfig
-from fmnist.models import build_model, count_parameters, flops_per_image, init_weights, model_names
+from fmnist.models import Dense, build_model, count_parameters, flops_per_image, init_weights, model_names
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -46,6 +46,31 @@ def test_post_matches_plain_formulation(channels_last):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_is_linear_with_its_products_in_onednn(bias):
+    torch.manual_seed(0)
+    dense, linear = Dense(300, 40, bias=bias), torch.nn.Linear(300, 40, bias=bias)
+    linear.load_state_dict(dense.state_dict())  # the same parameters, the same names
+    assert dense.state_dict().keys() == linear.state_dict().keys()
+    x = torch.randn(16, 300, requires_grad=True)
+    y, expected = dense(x), linear(x)
+    if torch.backends.mkldnn.is_available():
+        assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward"  # the fast path was taken
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    params = [x, dense.weight] + ([dense.bias] if bias else [])
+    ref_params = [x, linear.weight] + ([linear.bias] if bias else [])
+    for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, ref_params, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an optimiser changes the weights in place: nothing may be cached
+        dense.weight.mul_(-2)
+        linear.weight.mul_(-2)
+    torch.testing.assert_close(dense(x), linear(x), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes nn.Linear's path
+        assert dense(x).dtype == torch.bfloat16
+    assert flops_per_image(torch.nn.Sequential(torch.nn.Flatten(), Dense(784, 10))) == 2 * 784 * 10
 
 
 def test_post_sizes_are_the_posts():

@@ -15,7 +15,7 @@ from torch import nn
 from fmnist.calibrate import calibration_figures
 from fmnist.checkpoint import load_network
 from fmnist.data import CLASS_NAMES, NUM_CLASSES, Split, load_split, to_tensor
-from fmnist.device import autocast_dtype, resolve_device
+from fmnist.device import autocast_dtype, keep_freed_memory, resolve_device
 from fmnist.distributed import Dist
 from fmnist.run import ModelMeta
 
@@ -134,6 +134,7 @@ def load_test_tensors(meta: ModelMeta, data_dir=None, device="cpu") -> tuple[tor
 def evaluate_run(run_dir, data_dir=None, device="cpu", precision: str = "fp32") -> Evaluation:
     """The test-set evaluation of a run folder's model. fp32 by default, so the figures are
     exact; "bf16" or "auto" trade a few disagreeing predictions in 10,000 for speed."""
+    keep_freed_memory()
     device = resolve_device(device)
     amp_dtype = autocast_dtype(precision, device)
     model, meta = load_network(run_dir, device)

@@ -31,7 +31,7 @@ from fmnist.calibrate import calibrate, save_calibration
 from fmnist.checkpoint import CheckpointSaver, check_finite, save_model
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
 from fmnist.data import CLASS_NAMES, BatchSampler, Normalization, load_splits
-from fmnist.device import autocast_dtype, resolve_device
+from fmnist.device import autocast_dtype, keep_freed_memory, resolve_device
 from fmnist.distributed import Dist, GracefulStop, setup
 from fmnist.evaluate import Evaluation, evaluate_split
 from fmnist.metrics import Metrics, open_metrics
@@ -206,6 +206,7 @@ def _silent(*_) -> None:
 def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     """Train as `cfg` says, in this process, or as one process of a torchrun job."""
     cfg.validate()
+    keep_freed_memory()
     ctx = setup(resolve_device(cfg.device))
     try:
         if not ctx.enabled:  # fail fast, before any data is read; checked again under the lock
