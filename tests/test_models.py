@@ -4,7 +4,14 @@ import torch.nn.functional as F
 
 from fmnist import FmnistError
 from fmnist.config import TrainConfig
-from fmnist.models import Dense, build_model, count_parameters, flops_per_image, init_weights, model_names
+from fmnist.models import (
+    Dense,
+    build_model,
+    count_parameters,
+    flops_per_image,
+    init_weights,
+    model_names,
+)
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -62,7 +69,7 @@ def test_dense_is_linear_with_its_products_in_onednn(bias):
     grad = torch.randn_like(y)
     params = [x, dense.weight] + ([dense.bias] if bias else [])
     ref_params = [x, linear.weight] + ([linear.bias] if bias else [])
-    for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, ref_params, grad)):
+    for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, ref_params, grad), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # an optimiser changes the weights in place: nothing may be cached
         dense.weight.mul_(-2)
