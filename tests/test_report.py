@@ -1,5 +1,7 @@
 """`fmnist report`: the ladder of runs and its report."""
 
+from dataclasses import replace
+
 import pytest
 from helpers import quiet
 
@@ -17,9 +19,8 @@ def tiny_ladder(monkeypatch):
 
     def short(quick, include_best):
         rungs = real(quick, include_best)
-        return [Rung(r.name, r.change, r.overrides | {"steps": 6, "epochs": None, "batch_size": 16,
-                                                     "val_size": 32, "log_every": 3}, r.caveat, r.quick)
-                for r in rungs]
+        return [replace(r, overrides=r.overrides | {"steps": 6, "epochs": None, "batch_size": 16,
+                                                    "val_size": 32, "log_every": 3}) for r in rungs]
 
     monkeypatch.setattr(report, "ladder", short)
 

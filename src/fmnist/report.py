@@ -207,13 +207,10 @@ def write_report(out: Path, rungs: list[Rung], configs: list[TrainConfig], quick
         "| rung | change | validation | gain | test | gain | training s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    previous = None
-    for rung, s in zip(rungs, summaries, strict=True):
-        gains = ("", "") if previous is None else (_gain(s["val"], previous["val"]),
-                                                   _gain(s["accuracy"], previous["accuracy"]))
-        lines.append(f"| [{rung.name}]({rung.name}/) | {rung.change} | {_percent(s['val'])} | {gains[0]} | "
-                     f"{_percent(s['accuracy'])} | {gains[1]} | {s['seconds']:.1f} |")
-        previous = s
+    for rung, s, before in zip(rungs, summaries, [{}, *summaries], strict=False):
+        lines.append(f"| [{rung.name}]({rung.name}/) | {rung.change} | {_percent(s['val'])} | "
+                     f"{_gain(s['val'], before.get('val'))} | {_percent(s['accuracy'])} | "
+                     f"{_gain(s['accuracy'], before.get('accuracy'))} | {s['seconds']:.1f} |")
     lines += _falls(rungs, summaries)
     if quick:
         left = [r for r in ladder(False, False) if not r.quick]
