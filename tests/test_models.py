@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from fmnist import FmnistError
 from fmnist.config import TrainConfig
 from fmnist.models import (
+    Conv2d,
     Dense,
     build_model,
     count_parameters,
@@ -78,6 +79,35 @@ def test_dense_is_linear_with_its_products_in_onednn(bias):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes nn.Linear's path
         assert dense(x).dtype == torch.bfloat16
     assert flops_per_image(torch.nn.Sequential(torch.nn.Flatten(), Dense(784, 10))) == 2 * 784 * 10
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_is_nn_conv2d_with_its_bias_gradient_summed(channels_last):
+    torch.manual_seed(0)
+    conv, ref = Conv2d(3, 8, kernel_size=5, padding=2), torch.nn.Conv2d(3, 8, kernel_size=5, padding=2)
+    ref.load_state_dict(conv.state_dict())  # the same parameters, the same names
+    x = torch.randn(4, 3, 12, 12, requires_grad=True)
+    if channels_last:
+        conv, ref = conv.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y, expected = conv(x), ref(x)
+    assert type(y.grad_fn).__name__ == "_ConvSumBiasBackward"  # the summed bias gradient was taken
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, conv.weight, conv.bias], grad)
+    want = torch.autograd.grad(expected, [x, ref.weight, ref.bias], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # No gradient asked of the input (a first layer): none computed, the others still right.
+    w_only = torch.autograd.grad(conv(x.detach()), [conv.weight, conv.bias], grad)
+    for g, w in zip(w_only, want[1:], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes nn.Conv2d's path
+        assert conv(x).dtype == torch.bfloat16
+    assert flops_per_image(torch.nn.Sequential(Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(2 * 784, 10))) \
+        == 2 * 784 * 2 * 9 + 2 * 2 * 784 * 10
 
 
 def test_post_sizes_are_the_posts():
