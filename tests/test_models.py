@@ -2,11 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist import FmnistError
+from fmnist import FmnistError, models
 from fmnist.config import TrainConfig
 from fmnist.models import (
     Conv2d,
     Dense,
+    Dropout,
     build_model,
     count_parameters,
     flops_per_image,
@@ -108,6 +109,28 @@ def test_conv2d_is_nn_conv2d_with_its_bias_gradient_summed(channels_last):
         assert conv(x).dtype == torch.bfloat16
     assert flops_per_image(torch.nn.Sequential(Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(2 * 784, 10))) \
         == 2 * 784 * 2 * 9 + 2 * 2 * 784 * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_is_nn_dropout_to_the_bit(dtype):
+    ours, theirs = Dropout(0.25), torch.nn.Dropout(0.25)
+    x = torch.randn(64, 300).to(dtype).requires_grad_()
+    torch.manual_seed(3)
+    got = ours(x)
+    after_ours = torch.rand(5)
+    torch.manual_seed(3)
+    want = theirs(x)
+    after_theirs = torch.rand(5)
+    assert torch.equal(got, want)  # the same mask, the same scaling, the same rounding
+    assert torch.equal(after_ours, after_theirs)  # and the generator where torch's leaves it
+    assert 0.65 < (got != 0).float().mean() < 0.85
+    grad = torch.randn_like(got)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+    with torch.profiler.profile() as prof:
+        ours(x)
+    # Torch's Bernoulli sampler is skipped exactly where the uniform one draws its mask.
+    assert ("aten::bernoulli_" in {e.name for e in prof.events()}) != models._uniform_draws_torchs_dropout_mask()
+    assert torch.equal(ours.eval()(x), x)
 
 
 def test_post_sizes_are_the_posts():
