@@ -26,7 +26,9 @@ torch, and a bare torch requirement could pull a multi-GB CUDA build):
 
     pip install -r bench/requirements-peers.txt -c bench/constraints-peers.txt
 
-The table gives each variant's median time, its ratio to the plain loop and to the TF graph
+Each measurement runs in a fresh Python process (this script with --only), the variants taking
+turns: nothing one framework leaves behind (thread pools, allocator settings such as fmnist's
+`keep_freed_memory`, caches) reaches another's clock. The table gives each variant's median time, its ratio to the plain loop and to the TF graph
 (lower is faster), and its test accuracy after training (median, measured outside the clock;
 the TF graph starts from the post's N(0, 1) weights, the others from their frameworks' own).
 """
@@ -37,6 +39,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +90,37 @@ def split(name: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     return to_tensor(raw, device=device), torch.as_tensor(labels, device=device)
 
 
+def variant_labels(peers: list[str], device: torch.device) -> dict[str, str]:
+    """The variants measured, each by its --only key, with its label in the table."""
+    native = "bf16" if autocast_dtype("auto", device) else "fp32"
+    return {"plain": "plain PyTorch loop", "fmnist": f"fmnist train (default: {native})",
+            "fmnist-fp32": "fmnist train --precision fp32"} | {name: TRAINERS[name][0] for name in peers}
+
+
+def measure_one(key: str, args: argparse.Namespace, seed: int) -> Outcome:
+    """One measurement in this process: the variant `key` trained once."""
+    if key in TRAINERS:
+        loaded, notes = load_peers([key])
+        if notes:
+            raise SystemExit(notes[0])
+        return TRAINERS[key][1](loaded[key], split("train"), split("test"), args.steps, args.batch_size, seed)
+    if key == "plain":
+        device = resolve_device(args.device)
+        return plain_loop(split("train", device), split("test", device), args.steps, args.batch_size, seed)
+    precision = "fp32" if key == "fmnist-fp32" else "auto"
+    return fmnist_loop(args.steps, args.batch_size, seed, precision, args.device)
+
+
+def measure_apart(key: str, args: argparse.Namespace, seed: int) -> Outcome:
+    """One measurement in a fresh Python process; its result is the child's last line."""
+    command = [sys.executable, __file__, "--only", key, "--seed", str(seed), "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--device", args.device]
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"{key} failed (exit {child.returncode}): {child.stderr.strip().splitlines()[-1:]}")
+    return Outcome(**json.loads(child.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="optimiser steps per measurement")
@@ -94,38 +129,33 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of fmnist and the plain loop (default: cpu)")
     peers_flag(parser, tuple(TRAINERS))
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # one measurement, in the child process
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only:
+        print(json.dumps(vars(measure_one(args.only, args, args.seed))))
+        return
 
     loaded, notes = load_peers(args.peers)
     for note in notes:
         print(note)
     device = resolve_device(args.device)
-    cpu_train, cpu_test = split("train"), split("test")
-    train_set = tuple(t.to(device) for t in cpu_train)
-    test_set = tuple(t.to(device) for t in cpu_test)
-    native = "bf16" if autocast_dtype("auto", device) else "fp32"
-    variants = {
-        "plain PyTorch loop": lambda s: plain_loop(train_set, test_set, args.steps, args.batch_size, s),
-        f"fmnist train (default: {native})": lambda s: fmnist_loop(args.steps, args.batch_size, s, "auto", args.device),
-        "fmnist train --precision fp32": lambda s: fmnist_loop(args.steps, args.batch_size, s, "fp32", args.device),
-    }
-    for name, module in loaded.items():
-        label, trainer = TRAINERS[name]
-        variants[label] = (lambda s, run=trainer, m=module:
-                           run(m, cpu_train, cpu_test, args.steps, args.batch_size, s))
-    runs = {name: [] for name in variants}
+    labels = variant_labels(list(loaded), device)
+    runs = {key: [] for key in labels}
     for r in range(args.repeats):
-        for name, run in variants.items():
-            runs[name].append(run(r))
+        for key in labels:
+            runs[key].append(measure_apart(key, args, r))
 
-    seconds = {name: statistics.median(o.seconds for o in outcomes) for name, outcomes in runs.items()}
-    base, tf_graph = seconds["plain PyTorch loop"], seconds.get(TF_GRAPH)
+    seconds = {labels[key]: statistics.median(o.seconds for o in outcomes) for key, outcomes in runs.items()}
+    base, tf_graph = seconds[labels["plain"]], seconds.get(TF_GRAPH)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"{args.steps} steps of {args.batch_size} on {hardware}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}{', ' + versions(loaded) if loaded else ''}, median of {args.repeats}")
+          f"torch {torch.__version__}{', ' + versions(loaded) if loaded else ''}, median of {args.repeats}, "
+          f"each in its own process")
     print(f"{'variant':<34} {'seconds':>8} {'ms/step':>8} {'images/s':>9} {'vs plain':>8} {'vs TF':>6} {'accuracy':>8}")
     results = {}
-    for name, outcomes in runs.items():
+    for key, outcomes in runs.items():
+        name = labels[key]
         t = seconds[name]
         accuracy = statistics.median(o.accuracy for o in outcomes)
         results[name] = {"seconds": t, "all": [o.seconds for o in outcomes], "ratio_to_plain": t / base,
