@@ -28,9 +28,10 @@ torch, and a bare torch requirement could pull a multi-GB CUDA build):
 
 Each measurement runs in a fresh Python process (this script with --only), the variants taking
 turns: nothing one framework leaves behind (thread pools, allocator settings such as fmnist's
-`keep_freed_memory`, caches) reaches another's clock. The table gives each variant's median time, its ratio to the plain loop and to the TF graph
-(lower is faster), and its test accuracy after training (median, measured outside the clock;
-the TF graph starts from the post's N(0, 1) weights, the others from their frameworks' own).
+`keep_freed_memory`, caches) reaches another's clock. The table gives each variant's median
+time, its ratio to the plain loop and to the TF graph (lower is faster), and its test accuracy
+after training (median, measured outside the clock; the TF graph starts from the post's N(0, 1)
+weights, the others from their frameworks' own).
 """
 
 from __future__ import annotations

@@ -112,9 +112,13 @@ def test_conv2d_is_nn_conv2d_with_its_bias_gradient_summed(channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_is_nn_dropout_to_the_bit(dtype):
+@pytest.mark.parametrize("shape", [(64, 300), (8, 5, 6, 7)])
+def test_dropout_is_nn_dropout_to_the_bit(dtype, shape):
     ours, theirs = Dropout(0.25), torch.nn.Dropout(0.25)
-    x = torch.randn(64, 300).to(dtype).requires_grad_()
+    x = torch.randn(shape).to(dtype)
+    if x.dim() == 4:  # the mask follows the memory layout, as torch's does
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     torch.manual_seed(3)
     got = ours(x)
     after_ours = torch.rand(5)

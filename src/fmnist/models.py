@@ -227,8 +227,9 @@ class Dropout(nn.Dropout):
         if (self.training and 0.0 < self.p < 1.0 and not self.inplace and x.device.type == "cpu"
                 and not _exporting_or_compiling() and _uniform_draws_torchs_dropout_mask()):
             keep = 1.0 - self.p
-            # torch's own steps (ATen's dropout): a mask in x's dtype, divided by keep, times x.
-            noise = (torch.rand(x.shape, dtype=torch.float64) < keep).to(x.dtype).div_(keep)
+            # torch's own steps (ATen's dropout): a mask laid out as x, in x's dtype, divided by
+            # keep, times x.
+            noise = (torch.empty_like(x, dtype=torch.float64).uniform_() < keep).to(x.dtype).div_(keep)
             return x * noise
         return super().forward(x)
 
