@@ -204,16 +204,21 @@ class Dense(nn.Linear):
         return super().forward(x)
 
 
+def _uniform_keep_mask(like: torch.Tensor, keep: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """True where a unit is kept: uniform draws in float64, laid out as `like`, below `keep`."""
+    return torch.empty_like(like, dtype=torch.float64).uniform_(generator=generator) < keep
+
+
 @functools.cache
 def _uniform_draws_torchs_dropout_mask() -> bool:
-    """Whether `torch.rand(float64) < keep` draws, bit for bit, the mask torch's CPU Bernoulli
-    sampler draws from the same generator: it does on CPUs where torch does not hand the
-    sampler to MKL (MKL's is used on Intel's). Checked once, here, on a private generator."""
+    """Whether `_uniform_keep_mask` draws, bit for bit, the mask torch's CPU Bernoulli sampler
+    draws from the same generator: it does on CPUs where torch does not hand the sampler to
+    MKL (MKL's is used on Intel's). Checked once, here, on a private generator."""
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
     bernoulli = torch.empty(4096).bernoulli_(0.75, generator=generator).bool()
     generator.set_state(state)
-    return torch.equal(bernoulli, torch.rand(4096, dtype=torch.float64, generator=generator) < 0.75)
+    return torch.equal(bernoulli, _uniform_keep_mask(bernoulli, 0.75, generator))
 
 
 class Dropout(nn.Dropout):
@@ -229,7 +234,7 @@ class Dropout(nn.Dropout):
             keep = 1.0 - self.p
             # torch's own steps (ATen's dropout): a mask laid out as x, in x's dtype, divided by
             # keep, times x.
-            noise = (torch.empty_like(x, dtype=torch.float64).uniform_() < keep).to(x.dtype).div_(keep)
+            noise = _uniform_keep_mask(x, keep).to(x.dtype).div_(keep)
             return x * noise
         return super().forward(x)
 
