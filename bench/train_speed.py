@@ -118,7 +118,8 @@ def measure_apart(key: str, args: argparse.Namespace, seed: int) -> Outcome:
                "--batch-size", str(args.batch_size), "--device", args.device]
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode:
-        raise SystemExit(f"{key} failed (exit {child.returncode}): {child.stderr.strip().splitlines()[-1:]}")
+        last = (child.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"{key} failed (exit {child.returncode}): {last}")
     return Outcome(**json.loads(child.stdout.strip().splitlines()[-1]))
 
 
