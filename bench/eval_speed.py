@@ -30,11 +30,10 @@ import torch
 from peers import TF_GRAPH, load_peers, peers_flag, predictors, versions
 from plain import PlainNet
 
-from fmnist.checkpoint import cpu_state_dict, load_network, save_model
 from fmnist.data import CLASS_NAMES, Normalization, load_split, to_tensor
-from fmnist.evaluate import predict_logits
+from fmnist.inference.forward import predict_logits
 from fmnist.models import build_model
-from fmnist.run import ModelMeta, RunDir
+from fmnist.run import ModelMeta, RunDir, cpu_state_dict, load_network, save_model
 
 
 def timed(fn, repeats: int) -> tuple[float, np.ndarray]:

@@ -14,7 +14,7 @@ import time
 
 from fmnist.data import load_split
 from fmnist.explain import METHODS, faithfulness
-from fmnist.predict import load_model
+from fmnist.inference.predictor import load_model
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmnist.checkpoint import load_network
 from fmnist.data import load_split, to_tensor
 from fmnist.export import export_onnx, onnx_session
+from fmnist.run import load_network
 
 
 def images_per_second(run_batch, inputs, batch_size: int, repeats: int) -> float:

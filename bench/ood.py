@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fmnist.calibrate import logits_and_features
 from fmnist.data import load_split, to_tensor
-from fmnist.predict import load_model
+from fmnist.inference.calibrate import logits_and_features
+from fmnist.inference.predictor import load_model
 
 SIZE = 28
 

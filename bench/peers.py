@@ -30,7 +30,7 @@ from plain import PlainNet
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from fmnist.data import IMAGE_SIZE, NUM_CLASSES, one_hot
-from fmnist.evaluate import predict_logits
+from fmnist.inference.forward import predict_logits
 
 KEEP_PROB = 0.75  # the post's dropout keep probability
 LEARNING_RATE = 1e-3  # the post's Adam step size

@@ -9,7 +9,7 @@ new one side by side, per model; plus the preparation time of a 12-megapixel JPE
     python bench/photos.py --models runs/post --split train --seed 1   # the renders tuned on
     python bench/photos.py --models runs/cpu-fast runs/cpu-fast-photo50 --mirror-average
 
-"today" is `fmnist.images.prepare_image` before the background model (kept below as
+"today" is `fmnist.inference.photo.prepare_image` before the background model (kept below as
 `prepare_image_v1`, for this comparison only); "new" is the current one. A photo the new one
 says holds no object counts as a miss. "+mirror" averages each 28x28's class probabilities with
 those of its mirror image; the other columns classify one image alone, even for a model whose
@@ -36,8 +36,9 @@ import numpy as np
 from PIL import Image
 
 from fmnist.data import CLASS_NAMES, IMAGE_SIZE, load_split
-from fmnist.images import NoObject, open_image, prepare_image
-from fmnist.predict import load_model
+from fmnist.inference.decode import open_image
+from fmnist.inference.photo import NoObject, prepare_image
+from fmnist.inference.predictor import load_model
 
 CONDITIONS = ("easy", "gradient", "vignette", "shadow", "colour-background", "texture",
               "colour-object", "mirror", "rotation", "jpeg", "pair", "edge", "all")
@@ -259,7 +260,7 @@ def open_image_v1(data: bytes) -> Image.Image:
 
 
 def prepare_image_v1(image: Image.Image) -> np.ndarray:
-    """fmnist.images.prepare_image as it was before the background model (for comparison only):
+    """fmnist.inference.photo.prepare_image as it was before the background model (for comparison only):
     the median border pixel is the background, grey levels 13 above it are the object."""
     if max(image.size) > WORK_SIZE:
         image = image.copy()

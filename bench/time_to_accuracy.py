@@ -25,9 +25,9 @@ import torch
 
 from fmnist.config import resolve_train
 from fmnist.data import load_split
-from fmnist.optim import total_steps
 from fmnist.run import RunDir
-from fmnist.train import train
+from fmnist.training.loop import train
+from fmnist.training.optim import total_steps
 
 LEVELS = (0.90, 0.92, 0.93, 0.94, 0.95, 0.96)
 

@@ -54,8 +54,8 @@ from plain import PlainNet
 from fmnist.config import TrainConfig
 from fmnist.data import load_split, to_tensor
 from fmnist.device import autocast_dtype, resolve_device
-from fmnist.evaluate import predict_logits
-from fmnist.train import train
+from fmnist.inference.forward import predict_logits
+from fmnist.training.loop import train
 
 
 def plain_loop(train_set, test_set, steps: int, batch_size: int, seed: int) -> Outcome:

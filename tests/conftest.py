@@ -42,7 +42,7 @@ def data_dir():
 def trained_run(tmp_path_factory, data_dir):
     """A run folder with the post's network trained for 300 steps on the real data (about 86%
     test accuracy): enough for tests that need a model that works."""
-    from fmnist.train import train
+    from fmnist.training.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "post-300"
     cfg = TrainConfig(steps=300, out=str(out), plots=False, data_dir=str(data_dir))
@@ -67,7 +67,7 @@ def tiny_run(tmp_path_factory, shared_synthetic_dir):
     """A run folder under runs/ of a temporary folder, trained for a few steps on the shared
     synthetic dataset, for commands that need a model but not a good one: read it, never
     change it (copy it first)."""
-    from fmnist.train import train
+    from fmnist.training.loop import train
 
     out = tmp_path_factory.mktemp("cwd") / "runs" / "tiny"
     train(small_config(shared_synthetic_dir, out, steps=4), progress=False, log=quiet)

@@ -63,9 +63,8 @@ def quiet(*_) -> None:
 def untrained_run(directory: Path, model: str = "post") -> RunDir:
     """A run folder holding a freshly initialised network as its model: for tests of the
     machinery around a model (serving, loading) that need no accuracy and no data."""
-    from fmnist.checkpoint import save_model
     from fmnist.data import CLASS_NAMES, Normalization
-    from fmnist.run import ModelMeta
+    from fmnist.run import ModelMeta, save_model
 
     torch.manual_seed(0)
     meta = ModelMeta(model, {"keep_prob": 0.75} if model.startswith("post") else {}, list(CLASS_NAMES),

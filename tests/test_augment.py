@@ -1,4 +1,4 @@
-"""The photo augmentation: what `fmnist.images.prepare_image` does to a picture, as one batch
+"""The photo augmentation: what `fmnist.inference.photo.prepare_image` does to a picture, as one batch
 operation on normalised tensors."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fmnist.augment import Augment, random_photo
 from fmnist.config import TrainConfig
+from fmnist.data.augment import Augment, random_photo
 
 
 def bar_batch(n: int = 8) -> torch.Tensor:

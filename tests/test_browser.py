@@ -15,7 +15,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 from helpers import png, running_server, untrained_run  # noqa: E402
 
 from fmnist.data import load_split  # noqa: E402
-from fmnist.predict import load_model  # noqa: E402
+from fmnist.inference.predictor import load_model  # noqa: E402
 
 CHROMIUM = os.environ.get("FMNIST_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 

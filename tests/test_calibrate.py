@@ -12,7 +12,8 @@ import torch
 from helpers import fmnist_cli, quiet, small_config
 
 from fmnist import FmnistError
-from fmnist.calibrate import (
+from fmnist.data import load_split, to_tensor
+from fmnist.inference.calibrate import (
     OodDetector,
     expected_calibration_error,
     fit_temperature,
@@ -20,10 +21,9 @@ from fmnist.calibrate import (
     logits_and_features,
     reliability,
 )
-from fmnist.data import load_split, to_tensor
-from fmnist.predict import load_model
+from fmnist.inference.predictor import load_model
 from fmnist.run import RunDir
-from fmnist.train import train
+from fmnist.training.loop import train
 
 # ----------------------------------------------------------------------------- the figures
 

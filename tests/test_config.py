@@ -99,7 +99,7 @@ def test_edges_of_the_ranges_are_accepted():
 
 
 def test_serve_config_ranges_and_choices():
-    from fmnist.config import ServeConfig
+    from fmnist.serve.config import ServeConfig
 
     ServeConfig(port=0, threads=0).validate()
     for values, message in [(dict(port=70000), r"--port must be in \[0, 65535\], got 70000"),
@@ -113,7 +113,8 @@ def test_every_number_field_declares_its_range():
     """So that no new numeric flag slips in unchecked."""
     from dataclasses import fields
 
-    from fmnist.config import ServeConfig, field_type
+    from fmnist.config import field_type
+    from fmnist.serve.config import ServeConfig
 
     for cls in (TrainConfig, ServeConfig):
         for f in fields(cls):

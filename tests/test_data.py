@@ -19,9 +19,8 @@ from helpers import fmnist_cli, write_dataset
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fmnist import data
 from fmnist.cli import main
-from fmnist.data import DataError, load_idx, load_split, one_hot, save_idx
+from fmnist.data import DataError, idx, load_idx, load_split, locate, one_hot, save_idx, splits
 
 
 def gzip_bomb(start: bytes = b"", members: int = 100, zeros: int = 10_000_000) -> bytes:
@@ -81,7 +80,7 @@ def test_sizes_do_not_overflow(tmp_path):
     """Dimensions of 65536^4 need 2^64 bytes: said as such, not wrapped around into nonsense."""
     header = bytes([0, 0, 8, 4]) + struct.pack(">4I", *[65536] * 4)
     with pytest.raises(DataError, match=f"needing {2**64 + 20} bytes"):
-        data.parse_idx(header + b"\0" * 10, "huge")
+        idx.parse_idx(header + b"\0" * 10, "huge")
     path = tmp_path / "huge-ubyte.gz"
     path.write_bytes(gzip.compress(header + b"\0" * 10))
     with pytest.raises(DataError, match="more than the limit of 4,294,967,296"):
@@ -114,7 +113,7 @@ def idx_like(draw) -> bytes:
 @example(raw=bytes([0, 0, 8, 4]) + struct.pack(">4I", 0, 2**32 - 1, 2**32 - 1, 2**32 - 1))  # empty, overflowing shape
 def test_any_bytes_parse_or_give_one_clear_error(raw):
     try:
-        array = data.parse_idx(raw, "x.idx")
+        array = idx.parse_idx(raw, "x.idx")
     except DataError as e:
         assert str(e).startswith("x.idx: ") and "\n" not in str(e)
         return
@@ -179,7 +178,7 @@ def test_one_hot():
 
 def test_to_tensor_normalises_once():
     raw = np.array([[[0, 255] * 14] * 28], dtype=np.uint8)
-    x = data.to_tensor(raw, mean=0.5, std=0.25)
+    x = splits.to_tensor(raw, mean=0.5, std=0.25)
     assert x.shape == (1, 1, 28, 28) and x.dtype == torch.float32
     assert x.min().item() == pytest.approx(-2.0) and x.max().item() == pytest.approx(2.0)
 
@@ -195,20 +194,20 @@ def test_search_order(tmp_path, monkeypatch):
     explicit = write_dataset(tmp_path / "explicit", 20, 10, seed=5)
     monkeypatch.chdir(tmp_path / "work")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "DEBIAN_DIR", debian)
+    monkeypatch.setattr(locate, "DEBIAN_DIR", debian)
     monkeypatch.setenv("FMNIST_DATA", str(env_dir))
 
-    assert data.find_data_dir(explicit) == explicit
-    assert data.find_data_dir() == env_dir
+    assert locate.find_data_dir(explicit) == explicit
+    assert locate.find_data_dir() == env_dir
     monkeypatch.delenv("FMNIST_DATA")
-    assert data.find_data_dir() == Path("data/fashion")
+    assert locate.find_data_dir() == Path("data/fashion")
     shutil.rmtree(post_dir)
-    assert data.find_data_dir() == cache
+    assert locate.find_data_dir() == cache
     shutil.rmtree(cache)
-    assert data.find_data_dir() == debian
+    assert locate.find_data_dir() == debian
     shutil.rmtree(debian)
     with pytest.raises(DataError, match="not found"):
-        data.find_data_dir(download_missing=False)
+        locate.find_data_dir(download_missing=False)
 
 
 # ----------------------------------------------------------------------------- downloading
@@ -228,15 +227,15 @@ def mirror(tmp_path, monkeypatch):
     splits = {}
     # Tiny stand-ins for the four files, with their known sizes and hashes patched in, so the
     # test exercises the real verification code on a few KB instead of 30 MB.
-    for split, files in data.SPLITS.items():
+    for split, files in locate.SPLITS.items():
         entries = []
         for info in files:
             shape = (6, 28, 28) if "images" in info.name else (6,)
             payload = idx_bytes(rng.integers(0, 10, shape).astype(np.uint8))
             (root / info.name).write_bytes(gzip.compress(payload))
-            entries.append(data.IdxFile(info.name, len(payload), hashlib.sha256(payload).hexdigest()))
+            entries.append(idx.IdxFile(info.name, len(payload), hashlib.sha256(payload).hexdigest()))
         splits[split] = tuple(entries)
-    monkeypatch.setattr(data, "SPLITS", splits)
+    monkeypatch.setattr(locate, "SPLITS", splits)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -248,7 +247,7 @@ def mirror(tmp_path, monkeypatch):
 def test_download_good_files(tmp_path, mirror):
     root, url = mirror
     dest = tmp_path / "dest"
-    data.download(dest, mirror=url, progress=False, log=lambda *_: None)
+    locate.download(dest, mirror=url, progress=False, log=lambda *_: None)
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in root.iterdir())
     assert load_split("train", dest)[0].shape == (6, 28, 28)
 
@@ -267,7 +266,7 @@ def test_download_rejects_bad_files_and_leaves_nothing(tmp_path, mirror, spoil):
         target.unlink()
     dest = tmp_path / "dest"
     with pytest.raises(DataError) as info:
-        data.download(dest, mirror=url, progress=False, log=lambda *_: None)
+        locate.download(dest, mirror=url, progress=False, log=lambda *_: None)
     assert "train-labels" in str(info.value)
     assert not (dest / target.name).exists()
     assert not [p for p in dest.iterdir() if p.name.startswith(".")], "a partial file was left"
@@ -276,9 +275,9 @@ def test_download_rejects_bad_files_and_leaves_nothing(tmp_path, mirror, spoil):
 def test_download_keeps_verified_files(tmp_path, mirror):
     _, url = mirror
     dest = tmp_path / "dest"
-    data.download(dest, mirror=url, progress=False, log=lambda *_: None)
+    locate.download(dest, mirror=url, progress=False, log=lambda *_: None)
     before = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
-    data.download(dest, mirror=url, progress=False, log=lambda *_: None)
+    locate.download(dest, mirror=url, progress=False, log=lambda *_: None)
     assert before == {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
 
 
@@ -355,7 +354,7 @@ def test_hostile_mirror_gives_one_line_and_leaves_nothing(tmp_path, mirror, host
     dest = tmp_path / "dest"
     start = time.monotonic()
     with pytest.raises(DataError) as info:
-        data.download(dest, mirror=url, progress=False, log=lambda *_: None, timeout=1.0)
+        locate.download(dest, mirror=url, progress=False, log=lambda *_: None, timeout=1.0)
     text = str(info.value)
     assert text.startswith(f"cannot download {url}train-images") or text.startswith(f"{url}train-images"), text
     assert message in text and "\n" not in text
@@ -419,9 +418,9 @@ def test_download_command_with_the_real_data_installed_offline(data_dir, tmp_pat
 
 def test_real_dataset_payload_matches_known_hashes(data_dir):
     """The files found on this machine are the real Fashion-MNIST (the checks `download` uses)."""
-    for files in data.SPLITS.values():
+    for files in locate.SPLITS.values():
         for info in files:
-            data._verify_payload(data._read_payload(data._file_in(data_dir, info.name)), info, info.name)
+            locate._verify_payload(idx._read_payload(locate._file_in(data_dir, info.name)), info, info.name)
     images, labels = load_split("test", data_dir)
     assert images.shape == (10000, 28, 28)
     assert np.bincount(labels).tolist() == [1000] * 10

@@ -13,10 +13,10 @@ import torch
 from helpers import as_flags, assert_same_run, fmnist_cli, free_port, quiet, signal_after
 from safetensors.torch import load_file
 
-from fmnist.checkpoint import load_state
 from fmnist.config import TrainConfig
 from fmnist.run import RunDir
-from fmnist.train import train
+from fmnist.training.checkpoint import load_state
+from fmnist.training.loop import train
 
 # No dropout, so that one process and two draw the same numbers; fp32 for a tight comparison.
 EXACT = dict(steps=6, batch_size=32, val_size=64, log_every=1, keep_prob=1.0, precision="fp32", plots=False)
@@ -25,9 +25,9 @@ LOOPBACK = os.environ | {"GLOO_SOCKET_IFNAME": "lo"}
 WORKER = """
 import json, os, sys
 from safetensors.torch import save_file
-from fmnist.checkpoint import cpu_state_dict
+from fmnist.run import cpu_state_dict
 from fmnist.config import TrainConfig
-from fmnist.train import train
+from fmnist.training.loop import train
 
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 result = train(cfg, progress=False, log=lambda *_: None)

@@ -22,21 +22,24 @@ from PIL import Image
 pytest.importorskip("captum")
 
 from fmnist import FmnistError  # noqa: E402
-from fmnist.checkpoint import save_model  # noqa: E402
 from fmnist.cli import main  # noqa: E402
 from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, Normalization, load_split, to_tensor  # noqa: E402
-from fmnist.evaluate import predict_logits  # noqa: E402
 from fmnist.explain import DEFAULT_METHOD, METHODS, attribute, faithfulness, remove_top  # noqa: E402
+from fmnist.inference.forward import predict_logits  # noqa: E402
+from fmnist.inference.predictor import load_model  # noqa: E402
 from fmnist.models import build_model  # noqa: E402
-from fmnist.predict import load_model  # noqa: E402
-from fmnist.run import ModelMeta, RunDir  # noqa: E402
+from fmnist.run import (  # noqa: E402
+    ModelMeta,
+    RunDir,
+    save_model,  # noqa: E402
+)
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A synthetic dataset (each class a bright band at its own rows) and the post's network
     trained on it for a few steps: it predicts the test set perfectly from the band."""
-    from fmnist.train import train
+    from fmnist.training.loop import train
 
     root = tmp_path_factory.mktemp("explain")
     data = write_dataset(root / "fashion")
@@ -303,20 +306,22 @@ def test_service_without_captum_answers_501(synthetic, tmp_path, monkeypatch):
 
 def test_service_admits_a_bounded_number_of_explanations(monkeypatch):
     """Explanations beyond EXPLAIN_QUEUE at once get 503 with Retry-After, not an endless queue."""
-    serve = pytest.importorskip("fmnist.serve")
-    monkeypatch.setattr(serve, "explanation", lambda predictor, image, target: time.sleep(0.05) or {"target": target})
-    explainer = serve.Explainer(predictor=None)
+    pytest.importorskip("fastapi")
+    from fmnist.serve import errors
+    from fmnist.serve import explainer as explaining
+    monkeypatch.setattr(explaining, "explanation", lambda predictor, image, target: time.sleep(0.05) or {"target": target})
+    explainer = explaining.Explainer(predictor=None)
 
     async def burst():
-        return await asyncio.gather(*(explainer.explain(None, i) for i in range(serve.EXPLAIN_QUEUE + 4)),
+        return await asyncio.gather(*(explainer.explain(None, i) for i in range(explaining.EXPLAIN_QUEUE + 4)),
                                     return_exceptions=True)
 
     try:
         answers = asyncio.run(burst())
     finally:
         explainer.shutdown()
-    refused = [a for a in answers if isinstance(a, serve.HTTPError)]
-    assert [a["target"] for a in answers if isinstance(a, dict)] == list(range(serve.EXPLAIN_QUEUE))
+    refused = [a for a in answers if isinstance(a, errors.HTTPError)]
+    assert [a["target"] for a in answers if isinstance(a, dict)] == list(range(explaining.EXPLAIN_QUEUE))
     assert len(refused) == 4 and all(e.status == 503 and e.headers["retry-after"] for e in refused)
     assert explainer.admitted == 0
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist.checkpoint import load_network, save_model
 from fmnist.cli import main
 from fmnist.data import CLASS_NAMES, FMNIST_MEAN, FMNIST_STD, Normalization, load_split, to_tensor
-from fmnist.evaluate import predict_logits
-from fmnist.run import RunDir
+from fmnist.inference.forward import predict_logits
+from fmnist.run import RunDir, load_network, save_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -115,8 +114,8 @@ def test_int8_export_keeps_the_accuracy(trained_run, exported, tmp_path, data_di
 def test_a_model_trained_with_mirror_images_exports_their_average(tmp_path):
     """A run whose model.json asks for flip averaging (tta) exports it, so the ONNX model's
     probabilities are the predictor's."""
+    from fmnist.inference.predictor import load_model
     from fmnist.models import build_model
-    from fmnist.predict import load_model
     from fmnist.run import ModelMeta
 
     torch.manual_seed(0)

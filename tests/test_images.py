@@ -18,14 +18,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from fmnist import FmnistError
-from fmnist.images import (
-    ImageError,
-    NoObject,
-    open_image,
-    prepare_batch,
-    prepare_image,
-    read_inputs,
-)
+from fmnist.inference.decode import ImageError, open_image
+from fmnist.inference.inputs import read_inputs
+from fmnist.inference.photo import NoObject, prepare_batch, prepare_image
 
 cv2 = pytest.importorskip("cv2", reason="the background model needs the photo extra (OpenCV)")
 
@@ -228,11 +223,11 @@ def test_28x28_pictures_are_taken_as_dataset_images():
 
 
 def test_without_opencv_the_simple_preparation_serves(monkeypatch):
-    import fmnist.images
+    import fmnist.inference.photo
 
     photo = render(TROUSERS, ground(360, 560), left=300)
     with_model = prepare_image(photo)
-    monkeypatch.setattr(fmnist.images, "_opencv", lambda: None)
+    monkeypatch.setattr(fmnist.inference.photo, "_opencv", lambda: None)
     simple = prepare_image(photo)
     assert correlation(simple, with_model) > 0.95  # an easy photo: both work
     with pytest.raises(NoObject):

@@ -15,8 +15,8 @@ import pytest
 from fmnist import FmnistError
 from fmnist.cli import main
 from fmnist.config import TrainConfig
-from fmnist.metrics import JsonlSink, open_metrics
 from fmnist.run import EndRecord, EvalRecord, LossRecord, RunDir
+from fmnist.training.metrics import JsonlSink, open_metrics
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -2,18 +2,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist import FmnistError, models
+from fmnist import FmnistError
 from fmnist.config import TrainConfig
 from fmnist.models import (
-    Conv2d,
-    Dense,
-    Dropout,
     build_model,
     count_parameters,
     flops_per_image,
     init_weights,
+    layers,
     model_names,
 )
+from fmnist.models.layers import Conv2d, Dense, Dropout
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -133,7 +132,7 @@ def test_dropout_is_nn_dropout_to_the_bit(dtype, shape):
     with torch.profiler.profile() as prof:
         ours(x)
     # Torch's Bernoulli sampler is skipped exactly where the uniform one draws its mask.
-    assert ("aten::bernoulli_" in {e.name for e in prof.events()}) != models._uniform_draws_torchs_dropout_mask()
+    assert ("aten::bernoulli_" in {e.name for e in prof.events()}) != layers._uniform_draws_torchs_dropout_mask()
     assert torch.equal(ours.eval()(x), x)
 
 

@@ -13,7 +13,7 @@ from helpers import ground, render_photo, wood
 from fmnist.cli import main
 from fmnist.config import TrainConfig
 from fmnist.data import CLASS_NAMES, load_split
-from fmnist.predict import load_model
+from fmnist.inference.predictor import load_model
 
 pytest.importorskip("cv2", reason="the background model needs the photo extra (OpenCV)")
 
@@ -64,7 +64,7 @@ def test_blank_canvas_is_no_object(trained_run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def photo_run(tmp_path_factory, data_dir):
     """The post's recipe trained with the photo augmentation (mirror images among it)."""
-    from fmnist.train import train
+    from fmnist.training.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "post-photo"
     train(TrainConfig(steps=500, photo=0.5, out=str(out), plots=False, data_dir=str(data_dir)),

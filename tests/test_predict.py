@@ -15,8 +15,9 @@ from PIL import Image
 
 from fmnist.cli import main
 from fmnist.data import CLASS_NAMES, load_split, save_idx
-from fmnist.images import ImageError, ImageTooLarge, UnsupportedImage, open_image, prepare_image
-from fmnist.predict import load_model
+from fmnist.inference.decode import ImageError, ImageTooLarge, UnsupportedImage, open_image
+from fmnist.inference.photo import prepare_image
+from fmnist.inference.predictor import load_model
 from fmnist.run import RunDir
 
 

@@ -8,15 +8,15 @@ import torch.nn.functional as F
 from helpers import quiet, small_config, weights, write_dataset
 
 from fmnist import FmnistError
-from fmnist.augment import random_erase, random_flip, random_translate
-from fmnist.checkpoint import load_state
 from fmnist.config import TrainConfig, resolve_train
-from fmnist.evaluate import predict_logits
+from fmnist.data.augment import random_erase, random_flip, random_translate
+from fmnist.inference.forward import predict_logits
 from fmnist.models import build_model
-from fmnist.optim import build_optimizer, lr_at
 from fmnist.presets import PRESETS
 from fmnist.run import RunDir
-from fmnist.train import train, train_step
+from fmnist.training.checkpoint import load_state
+from fmnist.training.loop import train, train_step
+from fmnist.training.optim import build_optimizer, lr_at
 
 
 def gen(seed=0):

@@ -9,10 +9,10 @@ import torch
 from helpers import as_flags, assert_same_run, fmnist_cli, quiet, signal_after, weights
 
 from fmnist import FmnistError
-from fmnist.checkpoint import load_state
 from fmnist.config import resolve_train
 from fmnist.run import BEST_STATE, LAST_STATE, RunDir
-from fmnist.train import train
+from fmnist.training.checkpoint import load_state
+from fmnist.training.loop import train
 
 # Dropout on, an evaluation every 8 steps and a checkpoint every 5: every kind of state counts.
 FLAGS = dict(steps=24, batch_size=32, val_size=64, log_every=1, eval_every=8, checkpoint_every=5, plots=False)
@@ -105,11 +105,11 @@ def test_resume_refuses_conflicting_flags(shared_synthetic_dir, tmp_path):
 
 
 def test_checkpoints_are_written_every_n_steps_at_the_end_and_at_a_better_validation(shared_synthetic_dir, tmp_path, monkeypatch):
-    import fmnist.checkpoint
+    import fmnist.training.checkpoint
 
     written = []
-    real_save = fmnist.checkpoint.save_state
-    monkeypatch.setattr(fmnist.checkpoint, "save_state", lambda path, state: (written.append((path.name, state["step"])), real_save(path, state)))
+    real_save = fmnist.training.checkpoint.save_state
+    monkeypatch.setattr(fmnist.training.checkpoint, "save_state", lambda path, state: (written.append((path.name, state["step"])), real_save(path, state)))
     train(resolve_train(**FLAGS | dict(steps=12, eval_every=0), data_dir=str(shared_synthetic_dir), out=str(tmp_path / "a")),
           progress=False, log=quiet)
     assert written == [(LAST_STATE, 5), (LAST_STATE, 10), (LAST_STATE, 12)]
@@ -127,7 +127,7 @@ def test_checkpoints_are_written_every_n_steps_at_the_end_and_at_a_better_valida
 
 def test_failed_checkpoint_write_keeps_the_previous_one(shared_synthetic_dir, tmp_path, monkeypatch):
     """A full disk, simulated: from the second checkpoint on, the write fails half way."""
-    import fmnist.checkpoint
+    import fmnist.training.checkpoint
 
     calls = []
     real_save = torch.save
@@ -139,7 +139,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(shared_synthetic_dir, tm
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fmnist.checkpoint.torch, "save", save_then_fail)
+    monkeypatch.setattr(fmnist.training.checkpoint.torch, "save", save_then_fail)
     lines = []
     run = RunDir(tmp_path / "run")
     result = train(resolve_train(**FLAGS | dict(steps=12, eval_every=0), data_dir=str(shared_synthetic_dir), out=str(run)),

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from fmnist import FmnistError
 from fmnist.data import CLASS_NAMES, Normalization
+from fmnist.inference.predictor import load_model
 from fmnist.models import build_model
-from fmnist.predict import load_model
 from fmnist.run import (
     MAX_PARAMETERS,
     EndRecord,

@@ -20,10 +20,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from fmnist.cli import build_parser, config_from_args  # noqa: E402
-from fmnist.config import ServeConfig  # noqa: E402
 from fmnist.data import CLASS_NAMES, load_split  # noqa: E402
-from fmnist.images import open_image, prepare_image  # noqa: E402
-from fmnist.predict import load_model  # noqa: E402
+from fmnist.inference.decode import open_image  # noqa: E402
+from fmnist.inference.photo import prepare_image  # noqa: E402
+from fmnist.inference.predictor import load_model  # noqa: E402
+from fmnist.serve.config import ServeConfig  # noqa: E402
 
 UPLOAD_LIMIT = 2_000_000  # bytes, the test server's --max-upload-bytes
 BOUNDARY = "testboundary1234"
@@ -227,7 +228,7 @@ def test_server_keeps_serving_after_abuse(server, data_dir):
 
 
 def test_batcher_runs_concurrent_images_as_one_batch(trained_run, data_dir):
-    from fmnist.serve import Batcher
+    from fmnist.serve.batching import Batcher
 
     images, _ = load_split("test", data_dir)
     predictor = load_model(trained_run)
@@ -245,7 +246,8 @@ def test_batcher_runs_concurrent_images_as_one_batch(trained_run, data_dir):
 
 
 def test_read_body_stops_at_the_limit():
-    from fmnist.serve import HTTPError, read_body
+    from fmnist.serve.errors import HTTPError
+    from fmnist.serve.uploads import read_body
 
     sent = []
 

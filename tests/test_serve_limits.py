@@ -33,8 +33,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from fmnist.config import ServeConfig  # noqa: E402
-from fmnist.serve import create_app, query_options  # noqa: E402
+from fmnist.serve.app import create_app, query_options  # noqa: E402
+from fmnist.serve.config import ServeConfig  # noqa: E402
 
 BOUNDARY = "limitsboundary"
 UPLOAD_LIMIT = 10 * 1024 * 1024  # the default --max-upload-bytes
@@ -372,7 +372,7 @@ def test_allowed_host_names():
 
 
 def test_healthz_reports_a_dead_batcher(model_run):
-    from fmnist.predict import load_model
+    from fmnist.inference.predictor import load_model
 
     app = create_app(load_model(model_run), ServeConfig())
 
@@ -423,7 +423,8 @@ def uploads(draw) -> tuple[bytes, str]:
 @given(upload=uploads())
 def test_any_upload_is_prepared_or_gets_a_4xx(upload):
     """The upload path in this process: a 28x28 image or an HTTPError with a 4xx status."""
-    from fmnist.serve import HTTPError, Uploads
+    from fmnist.serve.errors import HTTPError
+    from fmnist.serve.uploads import Uploads
 
     body, content_type = upload
     pool = Uploads(ServeConfig())
@@ -450,7 +451,7 @@ def test_any_upload_over_http_gets_200_or_a_json_4xx(server, upload, query):
 def test_big_image_in_a_small_file_is_decoded_in_the_large_lane():
     """A 2000x2000 PNG of one colour is a few KB: it is opened in the small lane but decoded in
     the large one."""
-    from fmnist.serve import SMALL_UPLOAD_BYTES, Uploads
+    from fmnist.serve.uploads import SMALL_UPLOAD_BYTES, Uploads
 
     picture = Image.new("RGB", (2000, 2000), (240, 240, 240))
     picture.paste((20, 20, 20), (600, 400, 1400, 1600))

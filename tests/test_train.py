@@ -3,10 +3,17 @@ import torch
 from helpers import assert_same_run, quiet, small_config, weights
 
 from fmnist import FmnistError
-from fmnist.checkpoint import load_network
 from fmnist.data import BatchSampler, Normalization
-from fmnist.run import CONFIG_FILE, META_FILE, METRICS_FILE, PLOT_FILES, WEIGHTS_FILE, RunDir
-from fmnist.train import train
+from fmnist.run import (
+    CONFIG_FILE,
+    META_FILE,
+    METRICS_FILE,
+    PLOT_FILES,
+    WEIGHTS_FILE,
+    RunDir,
+    load_network,
+)
+from fmnist.training.loop import train
 
 
 def test_run_folder_contents(synthetic_dir, tmp_path):
@@ -63,9 +70,9 @@ def test_refuses_to_overwrite_a_run(synthetic_dir, tmp_path):
 
 def test_final_weights_that_are_not_finite_are_not_saved(synthetic_dir, tmp_path, monkeypatch):
     """The last step breaks the weights after its loss, a finite one, was computed."""
-    import fmnist.train
+    import fmnist.training.loop
 
-    real_step, cfg, steps = fmnist.train.train_step, small_config(synthetic_dir, tmp_path / "r"), []
+    real_step, cfg, steps = fmnist.training.loop.train_step, small_config(synthetic_dir, tmp_path / "r"), []
 
     def last_step_breaks(model, optimizer, *args, **kwargs):
         loss = real_step(model, optimizer, *args, **kwargs)
@@ -75,7 +82,7 @@ def test_final_weights_that_are_not_finite_are_not_saved(synthetic_dir, tmp_path
                 next(model.parameters()).fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(fmnist.train, "train_step", last_step_breaks)
+    monkeypatch.setattr(fmnist.training.loop, "train_step", last_step_breaks)
     with pytest.raises(FmnistError, match=r"final weights are not finite \(.* holds NaN or infinity\); the model was not saved"):
         train(cfg, progress=False, log=quiet)
     assert not RunDir(tmp_path / "r").weights_path.exists() and not RunDir(tmp_path / "r").meta_path.exists()

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, get_args
+from typing import get_args
 
 from fmnist import FmnistError, __version__
 from fmnist.config import (
@@ -25,7 +25,6 @@ from fmnist.config import (
     Attribution,
     Embedding,
     Precision,
-    ServeConfig,
     TrainConfig,
     choices,
     field_type,
@@ -33,6 +32,7 @@ from fmnist.config import (
     resolve,
     resolve_train,
 )
+from fmnist.serve.config import ServeConfig
 
 # ----------------------------------------------------------------------------- the parser
 
@@ -169,8 +169,9 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fmnist.distributed import launch, launched_by_torchrun
-    from fmnist.train import train
+    from fmnist.distributed import launched_by_torchrun
+    from fmnist.training.launch import launch
+    from fmnist.training.loop import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = resolve_train(args.config, **overrides)  # with --resume: the run's saved config
@@ -180,33 +181,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def format_evaluation(result) -> str:
-    """The evaluation as a table: accuracy, per-class accuracy, confusion matrix."""
-    names = list(result.per_class)
-    width = max(len(n) for n in names)
-    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}"]
-    c = result.calibration
-    if c:
-        lines.append(f"calibration   ECE {c['ece']:.2%}   NLL {c['nll']:.4f}   (temperature {c['temperature']:.3f}; "
-                     f"without it ECE {c['ece_uncalibrated']:.2%}, NLL {c['nll_uncalibrated']:.4f})")
-    lines.append("")
-    lines.append(f"{'class':<{width}}  accuracy")
-    for name, acc in result.per_class.items():
-        lines.append(f"{name:<{width}}  {acc:8.4f}")
-    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-    header = " " * (width + 1) + " ".join(f"{i:>5}" for i in range(len(names)))
-    lines.append(header)
-    for i, (name, row) in enumerate(zip(names, result.confusion_matrix, strict=True)):
-        lines.append(f"{name:<{width}} " + " ".join(f"{c:>5}" for c in row) + f"   ({i})")
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args) -> int:
-    from fmnist.evaluate import evaluate_run
+    from fmnist.evaluate import evaluate_run, format_evaluation
+    from fmnist.plots import write_reliability
+    from fmnist.run import RunDir
 
-    run_dir = which_model(args)
-    result = evaluate_run(run_dir, args.data_dir, args.device, args.precision)
-    reliability = write_reliability(run_dir, result)
+    run = RunDir(which_model(args))
+    result = evaluate_run(run.path, args.data_dir, args.device, args.precision)
+    try:
+        reliability = write_reliability(run, result, result.calibration.get("temperature", 1.0))
+    except OSError as e:
+        note(f"warning: no reliability diagram: {run.reliability_path}: {e.strerror}")
+        reliability = None
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -214,22 +200,6 @@ def cmd_evaluate(args) -> int:
         if reliability:
             print(f"\nreliability diagram written to {reliability}")
     return 0
-
-
-def write_reliability(run_dir, result):
-    """The reliability diagram of an evaluation into the run folder; its path (None when the
-    folder cannot take it)."""
-    from fmnist.plots import plot_reliability
-    from fmnist.run import RunDir
-
-    run = RunDir(run_dir)
-    try:
-        plot_reliability(result.logits, result.labels, result.calibration.get("temperature", 1.0),
-                         run.reliability_path)
-    except OSError as e:
-        print(f"fmnist: warning: no reliability diagram: {run.reliability_path}: {e.strerror}", file=sys.stderr)
-        return None
-    return run.reliability_path
 
 
 def cmd_plot(args) -> int:
@@ -241,49 +211,15 @@ def cmd_plot(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from fmnist.models import (
-        build_model,
-        count_parameters,
-        flops_per_image,
-        model_names,
-        model_spec,
-    )
+    from fmnist.models import describe_models, format_models
 
-    rows = []
-    for name in model_names():
-        model = build_model(name)
-        rows.append((name, count_parameters(model), flops_per_image(model), model_spec(name).description))
-    if args.json:
-        print(json.dumps([{"name": n, "parameters": p, "flops_per_image": f, "description": d}
-                          for n, p, f, d in rows]))
-        return 0
-    print(f"{'model':<14} {'params':>10} {'MFLOP/img':>10}  description")
-    for name, params, flops, description in rows:
-        print(f"{name:<14} {params:>10,} {flops / 1e6:>10.1f}  {description}")
+    rows = describe_models()
+    print(json.dumps(rows) if args.json else format_models(rows))
     return 0
 
 
-def format_predictions(result: dict[str, Any]) -> str:
-    """A small table per image: rank, class, probability and a bar; a plain warning for an
-    image that does not look like Fashion-MNIST (and where the 28x28 image the model saw was
-    written, with --save-input)."""
-    lines = []
-    for entry in result["predictions"]:
-        lines.append(entry["file"] or "<image>")
-        if entry.get("input_file"):
-            lines.append(f"  (the model saw {entry['input_file']})")
-        if entry.get("in_distribution") is False:
-            lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}); "
-                         "the classes below are the model's guess all the same")
-        width = max(len(t["label"]) for t in entry["top"])
-        for rank, t in enumerate(entry["top"], 1):
-            bar = "#" * round(20 * t["probability"])
-            lines.append(f"  {rank}. {t['label']:<{width}}  {t['probability']:6.1%}  {bar}")
-    return "\n".join(lines)
-
-
 def cmd_predict(args) -> int:
-    from fmnist.predict import predict_files
+    from fmnist.inference.predictor import format_predictions, predict_files
     from fmnist.run import RunDir
 
     run_dir = which_model(args)
@@ -297,7 +233,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from fmnist.explain import explain_run
+    from fmnist.explain.pictures import explain_run
 
     # The issue's `fmnist explain RUN_DIR [IMAGE ...]` as well as --model: a folder first among
     # the positionals is the run folder (an image is never a folder).
@@ -318,18 +254,14 @@ def cmd_explain(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from fmnist.calibrate import calibrate_run
+    from fmnist.inference.calibrate import calibrate_run, format_calibration
 
     run_dir = which_model(args)
     entry = calibrate_run(run_dir, args.data_dir, args.device)
     if args.json:
         print(json.dumps(entry))
         return 0
-    figures, ood = entry["validation"], entry["ood"]
-    print(f"{run_dir}: temperature {entry['temperature']:.3f} "
-          f"(validation ECE {figures['ece']:.2%} -> {figures['ece_calibrated']:.2%}, "
-          f"NLL {figures['nll']:.4f} -> {figures['nll_calibrated']:.4f}); "
-          f"out-of-distribution threshold {ood['threshold']:.3f} ({ood['pass_rate']:.0%} of validation images pass)")
+    print(f"{run_dir}: {format_calibration(entry)}")
     return 0
 
 
@@ -341,7 +273,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fmnist.serve import serve
+    from fmnist.serve.server import serve
 
     config = config_from_args(ServeConfig, args)
     config.validate()  # a bad flag first, before a note about which model
@@ -349,36 +281,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def preset_flags(values: dict[str, Any]) -> str:
-    """Config values as the flags that set them: {"flip": True, "lr": 0.2} -> "--flip --lr 0.2"."""
-    words = []
-    for name, value in values.items():
-        if isinstance(value, bool):
-            words.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
-        else:
-            words.append(f"{flag_name(name)} {value:g}" if isinstance(value, float) else f"{flag_name(name)} {value}")
-    return " ".join(words)
-
-
-# The fields that make the post's recipe, shown for the preset that changes none of them.
-POST_RECIPE = ("model", "init", "steps", "batch_size", "optimizer", "lr", "keep_prob")
-
-
 def cmd_presets(args) -> int:
-    from fmnist.presets import ABOUT, PRESETS
+    from fmnist.config import format_presets, preset_rows
 
-    defaults = TrainConfig()
-    rows = [(name, PRESETS[name] or {f: getattr(defaults, f) for f in POST_RECIPE}, ABOUT[name]) for name in PRESETS]
     if args.json:
         print(json.dumps([{"name": name, "summary": about.summary, "fields": fields, "measured": about.measured}
-                          for name, fields, about in rows]))
+                          for name, fields, about in preset_rows()]))
         return 0
-    for name, fields, about in rows:
-        print(f"{name}: {about.summary}")
-        print(f"  recipe:   {preset_flags(fields)}")
-        print(f"  measured: {about.measured}")
-        print()
-    print("Train one with `fmnist train --preset NAME`; flags given alongside override its fields.")
+    print(format_presets())
     return 0
 
 

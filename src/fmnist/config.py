@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fmnist import FmnistError
-from fmnist.presets import PRESETS, preset
+from fmnist.presets import ABOUT, PRESETS, About, preset
 
 # Allowed values, declared once: the CLI's choices and the checks below come from these.
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -187,12 +187,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse settings that cannot work, before any data is read or process started: a
         choice or a number outside what its field allows (one line naming the flag and the
-        allowed values), an unknown network, a batch that does not split over the processes."""
-        from fmnist.models import model_spec  # torch: not needed to parse flags
-
+        allowed values), a batch that does not split over the processes. The network's name is
+        checked against the registry by `fmnist.training` (the registry needs torch)."""
         check_choices(self)
         check_ranges(self)
-        model_spec(self.model)
         if self.batch_size % self.nproc:
             raise FmnistError(f"--batch-size {self.batch_size} does not split into {self.nproc} equal shares (--nproc)")
         if self.tensorboard:
@@ -314,11 +312,12 @@ def check_resumable(saved: dict[str, Any], values: dict[str, Any]) -> None:
             raise FmnistError(f"{flag} {value} would shorten the resumed run ({name} {saved[name]}); give more, not fewer")
 
 
-def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The fields of TrainConfig in a run folder's config.json."""
-    path = Path(run_dir) / "config.json"
-    if not Path(run_dir).is_dir():
-        raise FmnistError(f"{run_dir}: no such run folder to resume")
+CONFIG_FILE = "config.json"  # in a run folder: the resolved TrainConfig (`fmnist.run.RunDir.read_config`)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run folder's config.json as written (the one reader of that file)."""
+    path = Path(run_dir) / CONFIG_FILE
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
@@ -327,6 +326,14 @@ def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise FmnistError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(saved, dict):
         raise FmnistError(f"{path}: not an fmnist run config")
+    return saved
+
+
+def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The fields of TrainConfig in a run folder's config.json."""
+    if not Path(run_dir).is_dir():
+        raise FmnistError(f"{run_dir}: no such run folder to resume")
+    saved = read_run_config(run_dir)
     known = {f.name for f in fields(TrainConfig)}
     return upgrade_names({k: v for k, v in saved.items() if k in known})
 
@@ -352,69 +359,42 @@ def resolve_train(file: str | os.PathLike | None = None, **overrides) -> TrainCo
     try:
         return TrainConfig(**(saved | values | {"out": str(run_dir), "resume": str(run_dir)}))
     except TypeError as e:
-        raise FmnistError(f"{Path(run_dir) / 'config.json'}: not an fmnist run config ({e})") from None
+        raise FmnistError(f"{Path(run_dir) / CONFIG_FILE}: not an fmnist run config ({e})") from None
 
 
 def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-@dataclass
-class ServeConfig:
-    """What `fmnist serve` does, besides which model it serves."""
+# ----------------------------------------------------------------------------- presets, shown
 
-    host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only; any other address wants --api-key or an authenticating proxy)")
-    port: int = opt(8000, "TCP port (0: any free one)", within="[0, 65535]")
-    max_upload_bytes: int = opt(10 * 1024 * 1024, "largest request body accepted, in bytes", within="[1, inf)")
-    max_pixels: int = opt(MAX_PIXELS, "largest decoded image, in pixels, checked from its header before decoding",
-                          within="[1, inf)")
-    max_batch: int = opt(64, "most concurrent requests run through the model as one batch", within="[1, inf)")
-    threads: int = opt(1, "PyTorch intra-op threads of the model (the event loop needs a core; 0: PyTorch's default)",
-                       within="[0, inf)")
-    decode_workers: int = opt(2, "threads decoding large uploads and images (bounds their memory)", within="[1, inf)")
-    max_connections: int = opt(512, "open connections; at the limit the longest idle one is closed to make room, and with none idle a new one gets 503",
-                               within="[1, inf)")
-    access_log: bool = opt(True, "log one line per request")
-    log_level: LogLevel = opt("info", "uvicorn's log level")
-    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/*; unset, $FMNIST_API_KEY is used (other users cannot read it from the process list)")
-    allowed_hosts: str | None = opt(None, "comma-separated Host names the service answers, '*' for any; unset: --host, localhost, 127.0.0.1, [::1], and this machine's names for 0.0.0.0 or ::")
-    docs: bool = opt(False, "serve the OpenAPI page at /docs (FastAPI's Swagger UI, which the browser fetches from a CDN); /openapi.json is always served")
-    max_queue: int = opt(256, "uploads in progress at once, small (<= 64 KiB) and large ones counted apart; more get 503 with Retry-After",
-                         within="[1, inf)")
-    max_queue_bytes: int = opt(256 * 1024 * 1024, "declared bytes of the large uploads in progress at once; more get 503 with Retry-After",
-                               within="[1, inf)")
-    queue_timeout: float = opt(10.0, "seconds an upload may wait for a decoder, then 503 with Retry-After", within="(0, inf)")
-    header_timeout: float = opt(10.0, "seconds a client has to send a request's line and headers, from connecting or from its previous response; idle and slower connections are closed",
-                                within="(0, inf)")
-    body_timeout: float = opt(30.0, "seconds a client has to send a request's body once its headers are in; slower ones get 408",
-                              within="(0, inf)")
-    max_header_bytes: int = opt(32 * 1024, "largest request line plus headers, in bytes; larger get 431", within="[1, inf)")
 
-    def validate(self) -> None:
-        check_choices(self)
-        check_ranges(self)
-        for pattern in self.host_names() if self.allowed_hosts is not None else []:
-            if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
-                raise FmnistError(f"--allowed-hosts: {pattern!r} is not a host name, '*.domain' or '*'")
-        if self.api_key is not None and (len(self.api_key) < 16 or not self.api_key.isascii()
-                                         or not self.api_key.isprintable() or " " in self.api_key):
-            raise FmnistError("--api-key must be at least 16 printable ASCII characters without spaces "
-                              "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+def preset_flags(values: dict[str, Any]) -> str:
+    """Config values as the flags that set them: {"flip": True, "lr": 0.2} -> "--flip --lr 0.2"."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            words.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        else:
+            words.append(f"{flag_name(name)} {value:g}" if isinstance(value, float) else f"{flag_name(name)} {value}")
+    return " ".join(words)
 
-    def host_names(self) -> list[str]:
-        """The Host header names the service answers: --allowed-hosts, or the bound address,
-        the loopback names and, bound to every interface, this machine's names."""
-        if self.allowed_hosts is not None:
-            return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
-        import socket
 
-        names = {"localhost", "127.0.0.1", "[::1]"}
-        names.add(f"[{self.host}]" if ":" in self.host else self.host.lower())
-        if self.host in ("0.0.0.0", "::", ""):
-            for name in {socket.gethostname(), socket.getfqdn()}:
-                names.add(name.lower())
-                try:
-                    names.update(str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(name, None))
-                except OSError:
-                    pass
-        return sorted(n if ":" not in n or n.startswith("[") else f"[{n}]" for n in names)
+# The fields that make the post's recipe, shown for the preset that changes none of them.
+POST_RECIPE = ("model", "init", "steps", "batch_size", "optimizer", "lr", "keep_prob")
+
+
+def preset_rows() -> list[tuple[str, dict[str, Any], About]]:
+    """(name, the fields it sets, what it measured) of each preset; the post's row shows the
+    defaults that make its recipe, since it changes none of them."""
+    defaults = TrainConfig()
+    return [(name, PRESETS[name] or {f: getattr(defaults, f) for f in POST_RECIPE}, ABOUT[name]) for name in PRESETS]
+
+
+def format_presets() -> str:
+    """`fmnist presets`: each preset's summary, its recipe as flags and what it measured."""
+    lines = []
+    for name, values, about in preset_rows():
+        lines += [f"{name}: {about.summary}", f"  recipe:   {preset_flags(values)}", f"  measured: {about.measured}", ""]
+    lines.append("Train one with `fmnist train --preset NAME`; flags given alongside override its fields.")
+    return "\n".join(lines)

@@ -12,45 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist.calibrate import calibration_figures
-from fmnist.checkpoint import load_network
-from fmnist.data import CLASS_NAMES, NUM_CLASSES, Split, load_split, to_tensor
+from fmnist.data import CLASS_NAMES, NUM_CLASSES, Split, load_test_split
 from fmnist.device import autocast_dtype, keep_freed_memory, resolve_device
 from fmnist.distributed import Dist
-from fmnist.run import ModelMeta
-
-
-def uses_channels_last(model: nn.Module) -> bool:
-    """Whether the model's convolution weights are laid out channels-last."""
-    return any(
-        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-        for p in model.parameters()
-    )
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 256, amp_dtype: torch.dtype | None = None,
-    tta: bool = False,
-) -> torch.Tensor:
-    """Logits (N, classes) of normalised images (N, 1, 28, 28), in eval mode, batch by batch,
-    under autocast to `amp_dtype` when given; with `tta`, the mean of the logits of each image
-    and its mirror image."""
-    was_training = model.training
-    model.eval()
-    channels_last = uses_channels_last(model)
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        outputs.append(logits)
-    model.train(was_training)
-    return torch.cat(outputs)
+from fmnist.inference.calibrate import calibration_figures
+from fmnist.inference.forward import predict_logits
+from fmnist.run import load_network
 
 
 @dataclass
@@ -124,13 +91,6 @@ def evaluate_split(model: nn.Module, split: Split, ctx: Dist, tta: bool = False)
     return score(ctx.gather_rows(logits), split.labels)
 
 
-def load_test_tensors(meta: ModelMeta, data_dir=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Test images normalised as the run's model expects, labels, and the raw uint8 images."""
-    raw, labels = load_split("test", data_dir)
-    images = to_tensor(raw, meta.normalization.mean, meta.normalization.std, device=device)
-    return images, torch.as_tensor(labels, device=device), torch.as_tensor(raw)
-
-
 def evaluate_run(run_dir, data_dir=None, device="cpu", precision: str = "fp32") -> Evaluation:
     """The test-set evaluation of a run folder's model. fp32 by default, so the figures are
     exact; "bf16" or "auto" trade a few disagreeing predictions in 10,000 for speed."""
@@ -139,6 +99,27 @@ def evaluate_run(run_dir, data_dir=None, device="cpu", precision: str = "fp32") 
     amp_dtype = autocast_dtype(precision, device)
     model, meta = load_network(run_dir, device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    images, labels, _ = load_test_tensors(meta, data_dir, device)
-    result = evaluate(model, images, labels, meta.class_names, amp_dtype, tta=meta.tta)
+    test = load_test_split(meta.normalization, data_dir, device)
+    result = evaluate(model, test.images, test.labels, meta.class_names, amp_dtype, tta=meta.tta)
     return result.calibrate(meta.temperature)
+
+
+def format_evaluation(result) -> str:
+    """The evaluation as a table: accuracy, per-class accuracy, confusion matrix."""
+    names = list(result.per_class)
+    width = max(len(n) for n in names)
+    lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}"]
+    c = result.calibration
+    if c:
+        lines.append(f"calibration   ECE {c['ece']:.2%}   NLL {c['nll']:.4f}   (temperature {c['temperature']:.3f}; "
+                     f"without it ECE {c['ece_uncalibrated']:.2%}, NLL {c['nll_uncalibrated']:.4f})")
+    lines.append("")
+    lines.append(f"{'class':<{width}}  accuracy")
+    for name, acc in result.per_class.items():
+        lines.append(f"{name:<{width}}  {acc:8.4f}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    header = " " * (width + 1) + " ".join(f"{i:>5}" for i in range(len(names)))
+    lines.append(header)
+    for i, (name, row) in enumerate(zip(names, result.confusion_matrix, strict=True)):
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>5}" for c in row) + f"   ({i})")
+    return "\n".join(lines)

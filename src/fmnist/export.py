@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from fmnist import FmnistError, __version__
-from fmnist.checkpoint import load_network
 from fmnist.data import IMAGE_SIZE, load_split
 from fmnist.io import atomic_open
+from fmnist.run import load_network
 
 FORMATS = ("onnx",)
 INPUT_NAME = "pixels"

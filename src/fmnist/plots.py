@@ -15,11 +15,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fmnist import FmnistError  # noqa: E402
-from fmnist.checkpoint import load_network  # noqa: E402
-from fmnist.data import load_split  # noqa: E402
-from fmnist.evaluate import evaluate, load_test_tensors  # noqa: E402
+from fmnist.data import load_split, load_test_split  # noqa: E402
+from fmnist.evaluate import evaluate  # noqa: E402
 from fmnist.io import atomic_open  # noqa: E402
-from fmnist.run import RunDir  # noqa: E402
+from fmnist.run import (
+    RunDir,  # noqa: E402
+    load_network,  # noqa: E402
+)
 
 # Pixel 0 black, 255 white: Fashion-MNIST's own rendering (light objects on black), the input
 # the network sees.
@@ -100,8 +102,9 @@ def plot_misclassified(images, labels, predictions, class_names, path: Path, cou
 
 
 def write_plots(run: RunDir, train_images, train_labels, test_images, test_labels, evaluation,
-                class_names=None) -> list[Path]:
-    """All four plots of a run; the cost curve comes from its metrics.jsonl and config.json."""
+                class_names=None, temperature: float | None = None) -> list[Path]:
+    """All four plots of a run, and its reliability diagram when it is calibrated (a
+    `temperature`); the cost curve comes from its metrics.jsonl and config.json."""
     class_names = list(class_names or evaluation.per_class)
     records = run.losses()
     steps = np.asarray([r.step for r in records])
@@ -112,7 +115,15 @@ def write_plots(run: RunDir, train_images, train_labels, test_images, test_label
     plot_confusion(evaluation.confusion_matrix, class_names, paths[2])
     plot_misclassified(np.asarray(test_images), np.asarray(test_labels),
                        evaluation.predictions.numpy(), class_names, paths[3])
+    if temperature is not None:
+        paths.append(write_reliability(run, evaluation, temperature))
     return paths
+
+
+def write_reliability(run: RunDir, evaluation, temperature: float) -> Path:
+    """The reliability diagram of a test-set evaluation, into the run folder; its path."""
+    plot_reliability(evaluation.logits, evaluation.labels, temperature, run.reliability_path)
+    return run.reliability_path
 
 
 def plot_run(run_dir, data_dir=None) -> list[Path]:
@@ -121,14 +132,11 @@ def plot_run(run_dir, data_dir=None) -> list[Path]:
     if not run.config_path.is_file() or not run.metrics_path.is_file():
         raise FmnistError(f"{run}: not a run folder (config.json or metrics.jsonl missing)")
     model, meta = load_network(run)
-    images, labels, raw = load_test_tensors(meta, data_dir)
-    evaluation = evaluate(model, images, labels, meta.class_names, tta=meta.tta)
+    test = load_test_split(meta.normalization, data_dir)
+    evaluation = evaluate(model, test.images, test.labels, meta.class_names, tta=meta.tta)
     train_raw, train_labels = load_split("train", data_dir)
-    paths = write_plots(run, train_raw, train_labels, raw, labels, evaluation, meta.class_names)
-    if meta.calibration:
-        plot_reliability(evaluation.logits, labels, meta.temperature, run.reliability_path)
-        paths.append(run.reliability_path)
-    return paths
+    return write_plots(run, train_raw, train_labels, test.raw, test.labels, evaluation, meta.class_names,
+                       meta.temperature if meta.calibration else None)
 
 
 def plot_reliability(logits, labels, temperature: float, path: Path) -> None:
@@ -136,7 +144,7 @@ def plot_reliability(logits, labels, temperature: float, path: Path) -> None:
     right against how sure it says it is, before and after the run's temperature."""
     import torch
 
-    from fmnist.calibrate import expected_calibration_error, reliability
+    from fmnist.inference.calibrate import expected_calibration_error, reliability
 
     logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels)
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.4), sharey=True)

@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class About:
     """What `fmnist presets` says of a preset: its recipe in words and what it measured (the
-    README's "Measured" section has the commands and the machines)."""
+    docs' results pages have the commands and the machines)."""
 
     summary: str
     measured: str

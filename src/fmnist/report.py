@@ -22,7 +22,7 @@ from fmnist.config import TrainConfig, recipe, to_dict
 from fmnist.io import atomic_open
 from fmnist.presets import preset
 from fmnist.run import RunDir
-from fmnist.train import train
+from fmnist.training.loop import train
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ through `RunDir` and `ModelMeta`; nobody else spells a file name or a key.
     runs/my-run/
         config.json          the resolved TrainConfig, plus what was resolved at run time
         metrics.jsonl        LossRecord / EvalRecord / EndRecord, one JSON object a line
-        model.safetensors    the weights          } the product: `fmnist.checkpoint.save_model`
+        model.safetensors    the weights          } the product: `save_model` below
         model.json           ModelMeta            }
-        last.pt, best.pt     training state to resume from (`fmnist.checkpoint`)
+        last.pt, best.pt     training state to resume from (`fmnist.training.checkpoint`)
         *.png                plots (`fmnist.plots`)
         tensorboard/         event files, with `fmnist train --tensorboard`
         explain/             pictures of what the model learnt, by `fmnist explain` (`fmnist.explain`)
@@ -31,14 +31,17 @@ except ImportError:  # not POSIX: runs are not locked
     fcntl = None
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
 
 from fmnist import FmnistError, __version__
-from fmnist.config import LEGACY_NAMES
+from fmnist.config import CONFIG_FILE, LEGACY_NAMES, read_run_config
 from fmnist.data import Normalization
-from fmnist.io import read_json, write_json, writing
+from fmnist.io import atomic_open, read_json, write_json, writing
 from fmnist.models import build_model, count_parameters, model_spec
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -345,10 +348,7 @@ class RunDir:
             write_json(self.config_path, values)
 
     def read_config(self) -> dict[str, Any]:
-        config = read_json(self.config_path)
-        if not isinstance(config, dict):
-            raise FmnistError(f"{self.config_path}: not an fmnist run config")
-        return config
+        return read_run_config(self.path)
 
     # --- model.json
 
@@ -382,3 +382,54 @@ class RunDir:
 
     def evaluations(self, split: str | None = None) -> list[EvalRecord]:
         return [r for r in self.read_metrics() if isinstance(r, EvalRecord) and split in (None, r.split)]
+
+
+# ----------------------------------------------------------------------------- the product
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as contiguous CPU tensors (channels-last weights are not contiguous)."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def check_finite(model: nn.Module, what: str, advice: str = "") -> None:
+    """Refuse weights holding NaN or infinity: a step can break them after the last loss was
+    computed, and a model that answers NaN must not be saved as the product."""
+    for name, tensor in getattr(model, "module", model).state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FmnistError(f"{what} are not finite ({name} holds NaN or infinity); the model was not saved{advice}")
+
+
+def save_model(run: RunDir, model: nn.Module, meta: ModelMeta) -> None:
+    """Write model.safetensors, then model.json, into the run folder; refused for weights that
+    are not finite."""
+    check_finite(model, f"{run}: the weights")
+    with writing(run.weights_path), atomic_open(run.weights_path) as f:
+        f.write(safetensors_save(cpu_state_dict(model), metadata={"model": meta.model}))
+    run.write_meta(meta)
+
+
+def load_network(run_dir: str | os.PathLike | RunDir, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """The trained network of a run folder, in eval mode, and its description. For inference
+    use `fmnist.predict.load_model`, which wraps both."""
+    run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
+    meta = run.read_meta()
+    path = run.weights_path
+    try:
+        state = safetensors_load(path.read_bytes())
+    except FileNotFoundError:
+        raise FmnistError(f"{path}: not found") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FmnistError(f"{path}: not a valid safetensors file ({e})") from None
+    model = meta.build()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise FmnistError(f"{path}: weights do not fit model {meta.model!r} ({first})") from None
+    return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- training state

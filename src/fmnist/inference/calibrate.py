@@ -16,7 +16,7 @@ Two things are fitted after training, on data the weights never saw:
   validation split's (0 at its median, 1 at its 95th percentile) and the score is the largest of
   the three; the threshold is the score 95% of validation images stay under, so 95% of
   Fashion-MNIST passes by construction. The maximum softmax probability and the energy score,
-  measured side by side in bench/ood.py, miss most of these inputs (see the README).
+  measured side by side in bench/ood.py, miss most of these inputs (see docs/calibration.md).
 
 The temperature and the threshold live in model.json ("calibration"); the two banks of training
 examples in ood.safetensors beside it.
@@ -37,12 +37,11 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from fmnist import FmnistError
-from fmnist.checkpoint import load_network
 from fmnist.config import TrainConfig
 from fmnist.data import Split, load_splits
 from fmnist.device import autocast_dtype
 from fmnist.io import atomic_open
-from fmnist.run import ModelMeta, RunDir
+from fmnist.run import ModelMeta, RunDir, load_network
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 PASS_RATE = 0.95  # share of validation images under the out-of-distribution threshold
@@ -308,3 +307,13 @@ def calibrate_run(run_dir, data_dir=None, device="cpu") -> dict[str, Any]:
     entry, detector = calibrate(model, meta, splits["train"], splits["val"])
     save_calibration(run, meta, entry, detector)
     return entry
+
+
+def format_calibration(entry: dict[str, Any]) -> str:
+    """One line: the temperature and what it did to the validation figures, and the
+    out-of-distribution threshold."""
+    figures, ood = entry["validation"], entry["ood"]
+    return (f"temperature {entry['temperature']:.3f} "
+            f"(validation ECE {figures['ece']:.2%} -> {figures['ece_calibrated']:.2%}, "
+            f"NLL {figures['nll']:.4f} -> {figures['nll_calibrated']:.4f}); "
+            f"out-of-distribution threshold {ood['threshold']:.3f} ({ood['pass_rate']:.0%} of validation images pass)")

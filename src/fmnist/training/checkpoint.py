@@ -1,7 +1,7 @@
-"""Saving and loading trained models: weights as safetensors plus model.json, each written
-atomically (a temporary file in the same folder, fsync, rename); and the training state that
-`fmnist train --resume` continues from (last.pt, best.pt), read with weights_only=True so a
-crafted file cannot run code. `CheckpointSaver` owns when a run writes which of them."""
+"""The training state that `fmnist train --resume` continues from (last.pt, best.pt): written
+atomically on a background thread, read with weights_only=True so a crafted file cannot run
+code. `CheckpointSaver` owns when a run writes which of them, and the product (`fmnist.run`'s
+`save_model`) at the end."""
 
 from __future__ import annotations
 
@@ -13,66 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
-from torch import nn
 
 from fmnist import FmnistError, __version__
 from fmnist.distributed import Dist
-from fmnist.io import atomic_open, writing
-from fmnist.metrics import Metrics
-from fmnist.run import ModelMeta, RunDir
+from fmnist.io import atomic_open
+from fmnist.run import RunDir
+from fmnist.training.metrics import Metrics
 
 STATE_FORMAT = "fmnist-train-state/1"
 
-
-def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights as contiguous CPU tensors (channels-last weights are not contiguous)."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
-def check_finite(model: nn.Module, what: str, advice: str = "") -> None:
-    """Refuse weights holding NaN or infinity: a step can break them after the last loss was
-    computed, and a model that answers NaN must not be saved as the product."""
-    for name, tensor in getattr(model, "module", model).state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise FmnistError(f"{what} are not finite ({name} holds NaN or infinity); the model was not saved{advice}")
-
-
-def save_model(run: RunDir, model: nn.Module, meta: ModelMeta) -> None:
-    """Write model.safetensors, then model.json, into the run folder; refused for weights that
-    are not finite."""
-    check_finite(model, f"{run}: the weights")
-    with writing(run.weights_path), atomic_open(run.weights_path) as f:
-        f.write(safetensors_save(cpu_state_dict(model), metadata={"model": meta.model}))
-    run.write_meta(meta)
-
-
-def load_network(run_dir: str | os.PathLike | RunDir, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
-    """The trained network of a run folder, in eval mode, and its description. For inference
-    use `fmnist.predict.load_model`, which wraps both."""
-    run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
-    meta = run.read_meta()
-    path = run.weights_path
-    try:
-        state = safetensors_load(path.read_bytes())
-    except FileNotFoundError:
-        raise FmnistError(f"{path}: not found") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FmnistError(f"{path}: not a valid safetensors file ({e})") from None
-    model = meta.build()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise FmnistError(f"{path}: weights do not fit model {meta.model!r} ({first})") from None
-    return model.to(device).eval(), meta
-
-
-# ----------------------------------------------------------------------------- training state
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:

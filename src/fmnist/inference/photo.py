@@ -1,185 +1,25 @@
-"""Pictures in, Fashion-MNIST images out: decoding with limits, the photo preparation that makes
-any picture look like a dataset image, and reading the inputs `fmnist predict` takes (pictures,
-.npy and IDX batches).
+"""Any picture as a Fashion-MNIST image: the photo preparation.
 
 Fashion-MNIST was made from product photos: the edges close to the corner colour trimmed, the
 longest side resized to 28, the short side padded, intensities negated, 8-bit grey. `prepare_image`
-does the same to any picture, so the service, the CLI and the tests share one preprocessing.
-Real photos are not product photos: with OpenCV (the `photo` extra) a background model finds the
-object on uneven light, coloured and textured grounds and under soft shadows, and a picture with
-nothing on it raises NoObject (422) rather than getting a class. docs/PHOTOS.md explains it;
-bench/photos.py measures it.
+does the same to any picture, so the service, the CLI, training on photos and the tests share one
+preprocessing. Real photos are not product photos: with OpenCV (the `photo` extra) a background
+model finds the object on uneven light, coloured and textured grounds and under soft shadows, and a
+picture with nothing on it raises NoObject (422) rather than getting a class. The docs' photo page
+explains it; bench/photos.py and bench/real_photos.py measure it.
 
     python bench/photos.py --models runs/post --mirror-average
     python -m pytest tests/test_images.py
 """
-
 from __future__ import annotations
 
-import io
-import os
-import re
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
-from typing import BinaryIO
-
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from fmnist import FmnistError
-from fmnist.config import MAX_PIXELS
-from fmnist.data import IMAGE_SIZE, DataError, load_idx
-from fmnist.io import atomic_open
+from fmnist.data import IMAGE_SIZE
+from fmnist.inference.decode import WORK_SIZE, ImageError, _luma, _to_rgb
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # what Pillow may decode for us
-WORK_SIZE = 512  # pixels: JPEGs decode at least this large; without OpenCV, pictures shrink to it
 OBJECT_LEVEL = 0.05 * 255  # the dataset's trim threshold: 5% of full intensity above background
-# Bytes of metadata a picture may carry before its pixels (EXIF with a thumbnail, ICC profile,
-# XMP: tens to hundreds of KB in photos), and the most bytes any format needs per pixel and channel.
-HEADER_BYTES = 1024 * 1024
-PIXEL_BYTES = 4
-
-
-class ImageError(FmnistError):
-    """An input that is not a usable image; `status` is the HTTP code the service answers."""
-
-    status = 400
-
-
-class UnsupportedImage(ImageError):
-    status = 415
-
-
-class ImageTooLarge(ImageError):
-    status = 413
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def open_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = None,
-               max_pixels: int = MAX_PIXELS, load: bool = True) -> Image.Image:
-    """Decode a PNG, JPEG, WebP, BMP or GIF (its first frame), refusing anything else, any image
-    of more than `max_pixels` (checked from the header, before the pixels are decoded), a file
-    far larger than its pixels need (`check_file_size`) and truncated or corrupt files. JPEGs
-    are decoded directly at a reduced scale when large. With `load=False` only the header is
-    read: `load_pixels` decodes later.
-
-    Work grows with pixels, not bytes: bytes over HEADER_BYTES are only parsed once the header
-    read from the first HEADER_BYTES has shown that the pixels need them."""
-    name = name or (str(source) if isinstance(source, str | os.PathLike) else "<image>")
-    size = None
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageError(f"{name}: empty file")
-        size = len(source)
-        if size > HEADER_BYTES:
-            _check_header(source, name, max_pixels)
-        source = io.BytesIO(source)
-    elif isinstance(source, str | os.PathLike) and os.path.isfile(source):
-        size = os.path.getsize(source)
-    image = _open(source, name, max_pixels)
-    if size is not None:
-        check_file_size(image, size, name)
-    if image.format == "JPEG":
-        image.draft("RGB", (WORK_SIZE, WORK_SIZE))  # DCT scaling: decode at 1/2, 1/4 or 1/8 size
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"{name}: image is {width}x{height} pixels, more than the limit of {max_pixels:,} pixels")
-    return load_pixels(image, name) if load else image
-
-
-def _open(source, name: str, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS) -> Image.Image:
-    """Image.open with its errors as ImageErrors."""
-    try:
-        with warnings.catch_warnings():
-            # Our own limit is stricter; Pillow's own bomb check only warns below 2x its limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(source, formats=formats)
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory") from None
-    except Image.DecompressionBombError as e:  # Pillow's own check, at twice its limit
-        raise ImageTooLarge(f"{name}: image has more than the limit of {max_pixels:,} pixels ({e})") from None
-    except UnidentifiedImageError:
-        raise UnsupportedImage(
-            f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
-    except OSError as e:
-        raise ImageError(f"{name}: cannot read ({e.strerror or e})") from None
-
-
-def image_format(data: bytes) -> str | None:
-    """The supported format whose signature `data` starts with, by Pillow's own checks; None
-    for anything else."""
-    Image.init()
-    for fmt in IMAGE_FORMATS:
-        accept = Image.OPEN[fmt][1]
-        if accept is None or accept(data[:16]) is True:
-            return fmt
-    return None
-
-
-def _check_header(data: bytes, name: str, max_pixels: int) -> None:
-    """For a file over HEADER_BYTES: its header must lie in the first HEADER_BYTES (Pillow
-    parses metadata before the pixels in Python, a few tenths of a second per MiB), and the
-    whole file must fit the pixels that header declares."""
-    fmt = image_format(data)
-    if fmt is None:
-        raise UnsupportedImage(
-            f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})")
-    if fmt == "WEBP":  # libwebp parses WebP's header in C, and wants the whole file
-        return
-    try:
-        probe = _open(io.BytesIO(data[:HEADER_BYTES]), name, max_pixels, formats=(fmt,))
-    except ImageTooLarge:
-        raise
-    except ImageError:
-        raise ImageTooLarge(f"{name}: no {fmt} header in its first {HEADER_BYTES:,} bytes: more "
-                            "metadata before the pixels than a picture has, or a corrupt file") from None
-    with probe:
-        check_file_size(probe, len(data), name)
-
-
-def check_file_size(image: Image.Image, size: int, name: str = "<image>") -> None:
-    """Refuse a file of `size` bytes far larger than the pixels its header declares need:
-    beyond HEADER_BYTES of metadata, at most PIXEL_BYTES per pixel and channel (no supported
-    format needs more, compressed or not). Crafted files (a 16x16 BMP padded with 9 MiB of
-    no-op codes, a PNG of empty private chunks) would otherwise cost time per byte."""
-    width, height = image.size
-    allowed = HEADER_BYTES + PIXEL_BYTES * width * height * len(image.getbands())
-    if size > allowed:
-        raise ImageTooLarge(f"{name}: {size:,} bytes is far more than a {width}x{height} image needs "
-                            f"(at most {allowed:,})")
-
-
-def load_pixels(image: Image.Image, name: str = "<image>") -> Image.Image:
-    """Decode the pixels of an image opened by `open_image(..., load=False)`."""
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{name}: truncated or corrupt {image.format} image ({e})") from None
-    return image
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Colours 0..255 as float32 (H, W, 3); transparent areas become white, as viewers show them."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float greys
-        a = np.asarray(image, dtype=np.float32)
-        peak = a.max() if a.size else 0.0
-        grey = a * (255.0 / peak) if peak > 255 else a
-        return np.repeat(grey[..., None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """Grey levels of colours, weighted as Pillow's "L" (ITU-R 601)."""
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def _opencv():
@@ -191,7 +31,6 @@ def _opencv():
     return cv2
 
 
-# ----------------------------------------------------------------------------- preprocessing
 
 # The background model. A photo's ground is rarely uniform: light falls off across it, corners
 # darken, it has a colour and a texture, the object casts a shadow on it. So the ground's colour
@@ -573,106 +412,3 @@ def prepare_batch(images) -> np.ndarray:
     return np.stack(prepared)
 
 
-def input_png(image: np.ndarray) -> bytes:
-    """The 28x28 image the model saw, as PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _batch_from_array(array: np.ndarray, name: str) -> np.ndarray:
-    if array.ndim not in (2, 3) or array.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"{name}: expected images of shape (N, 28, 28) or (28, 28), found {array.shape}")
-    if array.dtype.kind not in "iu":
-        raise DataError(f"{name}: expected uint8 pixels 0..255, found {array.dtype}; "
-                        "convert with (x * 255).round().astype(np.uint8)")
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise DataError(f"{name}: pixel values must lie in 0..255")
-    return array.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-
-
-def _read_npy(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from None
-    if not isinstance(array, np.ndarray):
-        raise DataError(f"{path}: expected one array, found an archive")
-    return array
-
-
-def _file_kind(path: Path) -> str:
-    """"npy", "idx" (raw or gzipped) or "image", judged by the first bytes."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(6)
-    except OSError:  # open_image names the problem
-        return "image"
-    if head.startswith(b"\x93NUMPY"):
-        return "npy"
-    return "idx" if head.startswith((b"\x1f\x8b", b"\x00\x00")) else "image"
-
-
-def read_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, np.ndarray]]:
-    """(name, prepared uint8 28x28 image) for every image in the files: each picture is one,
-    each .npy or IDX batch gives one per image, named `file[i]`."""
-    inputs = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            raise FmnistError(f"{path}: is a directory, not an image")
-        kind = _file_kind(path)
-        if kind != "image":
-            array = _read_npy(path) if kind == "npy" else load_idx(path)
-            batch = _batch_from_array(array, str(path))
-            if array.ndim == 2:
-                inputs.append((str(path), batch[0]))
-            else:
-                inputs += [(f"{path}[{i}]", image) for i, image in enumerate(batch)]
-        else:
-            with open_image(path) as image:
-                inputs.append((str(path), prepare_image(image, name=str(path))))
-    return inputs
-
-
-def input_stem(name: str) -> str:
-    """The PNG name (without .png) of an input: `shoe.jpg` -> `shoe`, image 1 of a batch,
-    `batch.npy[1]` -> `batch-1`."""
-    found = re.fullmatch(r"(.*)\[(\d+)\]", name)
-    return f"{Path(found[1]).stem}-{found[2]}" if found else Path(name).stem
-
-
-def save_inputs(directory: str | os.PathLike, inputs: Sequence[tuple[str, np.ndarray]]) -> list[Path]:
-    """Write each 28x28 model input as a PNG named after its input (`input_stem`; a name taken
-    twice gets -2, -3...); returns the paths."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FmnistError(f"{directory}: cannot create folder ({e.strerror})") from None
-    written = []
-    for stem, (_, image) in zip(file_stems([name for name, _ in inputs]), inputs, strict=True):
-        path = directory / f"{stem}.png"
-        with atomic_open(path) as f:
-            f.write(input_png(image))
-        written.append(path)
-    return written
-
-
-def file_stems(names: Sequence[str]) -> list[str]:
-    """A distinct file name stem per input name (`input_stem`; a stem taken twice gets -2,
-    -3...)."""
-    stems, used = [], set()
-    for name in names:
-        stem = input_stem(name)
-        candidate, n = stem, 1
-        while candidate in used:
-            n += 1
-            candidate = f"{stem}-{n}"
-        used.add(candidate)
-        stems.append(candidate)
-    return stems
