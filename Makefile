@@ -2,6 +2,7 @@
 #   make run    installs everything, trains the post's network, evaluates it, writes the plots
 #   make test   installs everything and runs the whole test suite (CI's gate)
 #   make check  ruff and the fast tests: no real data, no trained model, a few minutes
+#   make docs   build the documentation site into site/ (mkdocs --strict: a dead link fails it)
 # Installs are skipped when there is nothing to do (the stamp is newer than pyproject.toml).
 # Run folders are never overwritten: `make run` trains RUN_DIR once, resumes it when interrupted,
 # and afterwards evaluates the finished run again (make run RUN_DIR=runs/post-2 trains another).
@@ -15,7 +16,7 @@ TORCH_INDEX ?=
 
 STAMP = build/.installed
 
-.PHONY: install data deps run test check bench clean
+.PHONY: install data deps run test check docs bench clean
 
 install: data deps
 
@@ -48,9 +49,12 @@ check: deps
 	$(PYTHON) -m ruff check src tests bench
 	$(PYTHON) -m pytest -m "not slow and not real_data" -q
 
+docs: deps
+	$(PYTHON) -m mkdocs build --strict
+
 bench: install
 	$(PYTHON) bench/train_speed.py
 	$(PYTHON) bench/eval_speed.py
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache
+	rm -rf runs build site *.egg-info .pytest_cache
