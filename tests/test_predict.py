@@ -262,3 +262,30 @@ def test_save_input_names_batch_images_by_index_and_says_where(tiny_run, tmp_pat
     entries = json.loads(out)["predictions"]
     assert [e["input_file"] for e in entries] == [str(p) for p in expected[:3]]
     assert np.array_equal(np.asarray(Image.open(expected[1])), np.load(tmp_path / "batch.npy")[1])
+
+
+def test_a_folder_of_files_gets_an_answer_for_each_file_it_can(tiny_run, tmp_path, capsys):
+    """One blank picture and one file that is no image among good ones: those two are reported on
+    their own lines (an `error` entry in --json), the others answered, exit 0; only when no file
+    can be answered does the command fail."""
+    shoe = np.zeros((28, 28), np.uint8)
+    shoe[14:22, 4:24] = 220
+    Image.fromarray(shoe).save(tmp_path / "shoe.png")
+    Image.new("RGB", (640, 480), (236, 230, 220)).save(tmp_path / "blank.png")
+    (tmp_path / "notes.jpg").write_bytes(b"not a picture at all")
+    np.save(tmp_path / "batch.npy", np.random.default_rng(0).integers(0, 255, (2, 28, 28), dtype=np.uint8))
+    files = [tmp_path / "shoe.png", tmp_path / "blank.png", tmp_path / "notes.jpg", tmp_path / "batch.npy"]
+    code, out, err = run_cli(capsys, "predict", "--model", tiny_run, *files, "--json")
+    assert code == 0, err
+    entries = json.loads(out)["predictions"]
+    assert [e["file"] for e in entries] == [str(files[0]), str(files[1]), str(files[2]),
+                                            f"{files[3]}[0]", f"{files[3]}[1]"]
+    assert "no object found" in entries[1]["error"] and "top" not in entries[1]
+    assert str(files[2]) in entries[2]["error"] and "top" not in entries[2]
+    assert all(len(e["top"]) == 3 for e in entries[:1] + entries[3:])
+    code, out, err = run_cli(capsys, "predict", "--model", tiny_run, *files)
+    assert code == 0 and err.count("\n") <= 1  # at most the note saying which model
+    assert f"{files[1]}\n  not answered: {files[1]}: no object found" in out
+    code, out, err = run_cli(capsys, "predict", "--model", tiny_run, files[1], files[2])
+    assert code == 2 and out == ""
+    assert err.startswith("fmnist: error: none of the 2 files could be answered; the first: ") and err.count("\n") == 1

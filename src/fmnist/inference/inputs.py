@@ -83,6 +83,19 @@ def read_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, np.ndarra
     return inputs
 
 
+def read_each(paths: Sequence[str | os.PathLike]) -> list[list[tuple[str, np.ndarray]] | FmnistError]:
+    """`read_inputs` file by file: per path, its inputs, or the error that refused it (a picture
+    with nothing on it, a file that is not an image), so one bad file in a folder does not cost
+    the others their answers."""
+    read = []
+    for path in paths:
+        try:
+            read.append(read_inputs([path]))
+        except FmnistError as e:
+            read.append(e)
+    return read
+
+
 def input_stem(name: str) -> str:
     """The PNG name (without .png) of an input: `shoe.jpg` -> `shoe`, image 1 of a batch,
     `batch.npy[1]` -> `batch-1`."""

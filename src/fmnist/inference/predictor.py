@@ -31,7 +31,7 @@ from fmnist import FmnistError
 from fmnist.data import to_tensor
 from fmnist.inference.calibrate import OodDetector, load_detector, logits_and_features
 from fmnist.inference.forward import predict_logits
-from fmnist.inference.inputs import read_inputs, save_inputs
+from fmnist.inference.inputs import read_each, read_inputs, save_inputs
 from fmnist.inference.photo import prepare_batch
 from fmnist.run import ModelMeta, RunDir, load_network
 
@@ -116,17 +116,28 @@ def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
                   save_input: str | os.PathLike | None = None) -> dict[str, Any]:
     """Predictions for image, .npy and IDX files, as `Predictor.predict` returns them plus the
     model folder used; with `save_input`, writes the 28x28 image the model saw of each input as
-    a PNG into that folder and names it in the prediction's "input_file"."""
+    a PNG into that folder and names it in the prediction's "input_file". Of several files, one
+    that cannot be read or shows nothing gets {"file", "error"} in its place and the others their
+    answers; a single file's error, or every file's, is raised."""
     if top_k < 1:
         raise FmnistError(f"--top-k must be at least 1, got {top_k}")
     predictor = load_model(run_dir)
-    inputs = read_inputs(paths)
-    batch = np.stack([image for _, image in inputs])
-    result = predictor.predict(batch, top_k, names=[name for name, _ in inputs])
+    read = read_each(paths) if len(paths) > 1 else [read_inputs(paths)]
+    inputs = [item for got in read if not isinstance(got, FmnistError) for item in got]
+    if not inputs:
+        raise FmnistError(f"none of the {len(paths)} files could be answered; the first: {read[0]}")
+    result = predictor.predict(np.stack([image for _, image in inputs]), top_k, names=[name for name, _ in inputs])
     if save_input is not None:  # each prediction says where the image the model saw went
         for entry, path in zip(result["predictions"], save_inputs(save_input, inputs), strict=True):
             entry["input_file"] = str(path)
-    return {"model": str(run_dir), **result}
+    answers = iter(result["predictions"])
+    entries = []
+    for path, got in zip(paths, read, strict=True):
+        if isinstance(got, FmnistError):
+            entries.append({"file": str(path), "error": str(got)})
+        else:
+            entries += [next(answers) for _ in got]
+    return {"model": str(run_dir), "predictions": entries}
 
 
 def format_predictions(result: dict[str, Any]) -> str:
@@ -136,6 +147,9 @@ def format_predictions(result: dict[str, Any]) -> str:
     lines = []
     for entry in result["predictions"]:
         lines.append(entry["file"] or "<image>")
+        if "error" in entry:
+            lines.append(f"  not answered: {entry['error']}")
+            continue
         if entry.get("input_file"):
             lines.append(f"  (the model saw {entry['input_file']})")
         if entry.get("in_distribution") is False:
