@@ -200,7 +200,7 @@ def test_explain_command_json_for_files_and_default_folder(synthetic, tmp_path, 
 @pytest.mark.parametrize("argv, message", [
     (["--target", "Hat"], "--target: unknown class 'Hat'"),
     (["--target", "12"], "--target: class index 12 is outside 0..9"),
-    (["--count", "0"], "--count must be at least 1"),
+    (["--count", "0"], "--count must be >= 1, got 0"),
     (["NOFILE.png"], "file not found"),
 ], ids=["target-name", "target-index", "count", "missing-image"])
 def test_explain_command_bad_input_is_one_line(synthetic, tmp_path, capsys, argv, message):

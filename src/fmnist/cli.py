@@ -22,9 +22,9 @@ from typing import get_args
 from fmnist import FmnistError, __version__
 from fmnist.config import (
     TRAIN_GROUPS,
-    Attribution,
-    Embedding,
+    ExplainConfig,
     Precision,
+    PredictConfig,
     TrainConfig,
     choices,
     field_type,
@@ -87,7 +87,8 @@ def help_with_default(f: dataclasses.Field, allowed: tuple[str, ...] | None) -> 
 
 
 # What a str field's flag takes, where its upper-cased name would not say it.
-METAVARS = {"model": "NAME", "data_dir": "DIR", "out": "DIR", "resume": "RUN_DIR"}
+METAVARS = {"model": "NAME", "data_dir": "DIR", "out": "DIR", "resume": "RUN_DIR", "save_input": "DIR",
+            "target": "CLASS", "top_k": "K"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, groups: tuple[str, ...] = ()) -> dict:
@@ -223,7 +224,7 @@ def cmd_predict(args) -> int:
     from fmnist.run import RunDir
 
     run_dir = which_model(args)
-    result = predict_files(run_dir, args.images, top_k=args.top_k, save_input=args.save_input)
+    result = predict_files(run_dir, args.images, config_from_args(PredictConfig, args))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -242,14 +243,14 @@ def cmd_explain(args) -> int:
         run_dir, images = images[0], images[1:]
     else:
         run_dir = which_model(args)
-    result = explain_run(run_dir, images, method=args.method, target=args.target, out=args.out,
-                         embedding=args.embedding, map_size=args.map_size, count=args.count,
-                         run_pictures=args.run_pictures, top_k=args.top_k, data_dir=args.data_dir)
+    result = explain_run(run_dir, images, config_from_args(ExplainConfig, args))
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
     for path in result.paths:
         print(path)
+    for entry in result.refused:  # the paths above are for scripts; what was skipped is for the user
+        note(f"not explained: {entry['error']}")
     return 0
 
 
@@ -393,10 +394,8 @@ def build_parser() -> Parser:
                        ".npy or IDX batches of 28x28 uint8 images.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="picture, .npy or IDX file")
     add_model_arg(p)
-    p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--save-input", metavar="DIR", help="write the 28x28 image the model saw, per input, as "
-                   "PNG into DIR (batch.npy[1] -> DIR/batch-1.png) and say where")
+    add_config_flags(p, PredictConfig)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="attribution heatmaps and pictures of what a model learnt",
@@ -411,21 +410,8 @@ def build_parser() -> Parser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="picture, .npy or IDX file (default: test "
                    "images); a run folder given first is the model, as with --model")
     add_model_arg(p)
-    p.add_argument("--method", default="occlusion", choices=get_args(Attribution), metavar="NAME",
-                   help="occlusion: a 3x3 black patch slid over the image; ig: integrated gradients from "
-                   "the black image; gradcam: Grad-CAM on the last convolution (one of: occlusion, ig, "
-                   "gradcam; default: occlusion, the most faithful)")
-    p.add_argument("--target", metavar="CLASS", help="explain this class (name or index) instead of the predicted one")
-    p.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/explain)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top classes, heatmaps, paths) instead of the paths")
-    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (default: 3)")
-    p.add_argument("--count", type=int, default=8, metavar="N", help="test images explained when no image is given (default: 8)")
-    p.add_argument("--run-pictures", action=argparse.BooleanOptionalAction, default=True,
-                   help="also draw the run's filters, activations, feature map and confused pairs (default: on)")
-    p.add_argument("--embedding", default="umap", choices=get_args(Embedding), metavar="NAME",
-                   help="the feature map's method: umap (umap-learn) or tsne (scikit-learn) (default: umap)")
-    p.add_argument("--map-size", type=int, default=3000, metavar="N", help="test images in the feature map (default: 3000)")
-    p.add_argument("--data-dir", help=data_dir_help)
+    add_config_flags(p, ExplainConfig)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a trained model to ONNX",

@@ -366,6 +366,42 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# ----------------------------------------------------------------------------- using a model
+
+
+@dataclass
+class PredictConfig:
+    """What `fmnist predict` does with its files, besides which model it uses."""
+
+    top_k: int = opt(3, "how many classes to show per image", within="[1, inf)")
+    save_input: str | None = opt(None, "write the 28x28 image the model saw, per input, as PNG into DIR "
+                                 "(batch.npy[1] -> DIR/batch-1.png) and say where")
+
+    def validate(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
+class ExplainConfig:
+    """What `fmnist explain` draws, besides which model and images."""
+
+    method: Attribution = opt("occlusion", "occlusion: a 3x3 black patch slid over the image; ig: integrated "
+                              "gradients from the black image; gradcam: Grad-CAM on the last convolution; "
+                              "occlusion, the default, is the most faithful")
+    target: str | None = opt(None, "explain this class (name or index) instead of the predicted one")
+    out: str | None = opt(None, "folder to write into (default: RUN_DIR/explain)")
+    top_k: int = opt(3, "classes shown per image", within="[1, inf)")
+    count: int = opt(8, "test images explained when no image is given", within="[1, inf)")
+    run_pictures: bool = opt(True, "also draw the run's filters, activations, feature map and confused pairs")
+    embedding: Embedding = opt("umap", "the feature map's method: umap (umap-learn) or tsne (scikit-learn)")
+    map_size: int = opt(3000, "test images in the feature map", within="[10, inf)")
+    data_dir: str | None = opt(None, "folder with the four IDX files (default: searched)")
+
+    def validate(self) -> None:
+        check_choices(self)
+        check_ranges(self)
+
+
 # ----------------------------------------------------------------------------- presets, shown
 
 

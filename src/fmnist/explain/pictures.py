@@ -29,11 +29,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fmnist import FmnistError  # noqa: E402
-from fmnist.config import Embedding  # noqa: E402
+from fmnist.config import Embedding, ExplainConfig  # noqa: E402
 from fmnist.data import load_test_split, to_tensor  # noqa: E402
 from fmnist.explain.attribution import (  # noqa: E402
     DEFAULT_METHOD,
-    METHODS,
     _captum_attr,
     _layer,
     attribute,
@@ -43,15 +42,14 @@ from fmnist.explain.attribution import (  # noqa: E402
     overlay_rgb,
     targets_for,
 )
-from fmnist.inference.inputs import file_stems, read_inputs  # noqa: E402
+from fmnist.inference.inputs import file_stems, read_each, read_inputs  # noqa: E402
 from fmnist.inference.predictor import Predictor, load_model  # noqa: E402
 from fmnist.plots import save_figure  # noqa: E402
 from fmnist.run import RunDir  # noqa: E402
 
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
-MAP_SIZE = 3000  # test images in the feature map: UMAP of 3,000 takes ~15 s on 2 cores (+ ~15 s compiling)
+MAP_SIZE = ExplainConfig.map_size  # test images in the feature map: UMAP of 3,000 takes ~15 s on 2 cores (+ ~15 s compiling)
 TSNE_DIMS = 50  # principal components t-SNE starts from
-SAMPLE_COUNT = 8  # test images explained when none are given
 EXAMPLES_PER_PAIR = 8  # images shown per confused class pair
 CONFUSED_PAIRS = 5  # class pairs shown
 MAX_LAYERS, MAX_CHANNELS = 6, 12  # of the activations picture: convolutions (rows), channels each
@@ -233,13 +231,15 @@ class Explained:
     method: str
     images: list[dict[str, Any]] = field(default_factory=list)  # per image: file, top, target, heatmap, png
     run_pictures: list[str] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)  # per file not explained: file, error
 
     @property
     def paths(self) -> list[str]:
         return [entry["png"] for entry in self.images] + self.run_pictures
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "method": self.method, "images": self.images, "run_pictures": self.run_pictures}
+        return {"model": self.model, "method": self.method, "images": self.images, "run_pictures": self.run_pictures,
+                "refused": self.refused}
 
 
 def sample_test_images(predicted: np.ndarray, labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -291,51 +291,49 @@ def write_run_pictures(predictor: Predictor, out: Path, test_images: np.ndarray,
     return [str(p) for p in paths]
 
 
-def explain_run(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), method: str = DEFAULT_METHOD,
-                target: int | str | None = None, out: str | os.PathLike | None = None, embedding: str = "umap",
-                map_size: int = MAP_SIZE, count: int = SAMPLE_COUNT, run_pictures: bool = True,
-                top_k: int = 3, data_dir=None) -> Explained:
+def explain_run(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (),
+                config: ExplainConfig | None = None) -> Explained:
     """`fmnist explain`: heatmaps of the input files (pictures, .npy, IDX), or of `count` test
     images (half misclassified) when there are none, and the run's pictures, into `out`
-    (default RUN_DIR/explain/)."""
-    _check_options(method, embedding, map_size, count, top_k)
+    (default RUN_DIR/explain/). Of several files, one that cannot be read or shows nothing is
+    listed in `refused` and the others explained; a single file's error, or every file's, is
+    raised."""
+    config = config or ExplainConfig()
+    config.validate()
+    method, target, embedding, top_k = config.method, config.target, config.embedding, config.top_k
+    run_pictures, data_dir = config.run_pictures, config.data_dir
     _captum_attr()  # before any work, so a missing extra costs nothing
     if run_pictures and embedding == "umap":
         _umap()
     predictor = load_model(run_dir)
     if target is not None:
         class_index(predictor, target)
-    named = read_inputs(inputs) if inputs else []
-    out = Path(out) if out is not None else RunDir(run_dir).explain_dir
+    read = read_each(inputs) if len(inputs) > 1 else [read_inputs(inputs)] if inputs else []
+    named = [item for got in read if not isinstance(got, FmnistError) for item in got]
+    refused = [{"file": str(path), "error": str(got)} for path, got in zip(inputs, read, strict=True)
+               if isinstance(got, FmnistError)]
+    if inputs and not named:
+        raise FmnistError(f"none of the {len(inputs)} files could be explained; the first: {refused[0]['error']}")
+    out = Path(config.out) if config.out is not None else RunDir(run_dir).explain_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FmnistError(f"{out}: cannot create folder ({e.strerror})") from None
-    result = Explained(str(run_dir), method)
+    result = Explained(str(run_dir), method, refused=refused)
     test = _test_set(predictor, data_dir) if run_pictures or not named else None
     if named:
         names, images = [n for n, _ in named], np.stack([image for _, image in named])
         result.images = explain_images(predictor, names, images, out, method, target, top_k)
     else:
         test_images, test_labels, predicted = test
-        chosen = sample_test_images(predicted, test_labels, count)
+        chosen = sample_test_images(predicted, test_labels, config.count)
         titles = [f"test image {i}: true {predictor.class_names[test_labels[i]]}" for i in chosen]
         result.images = explain_images(predictor, [f"test[{i}]" for i in chosen], test_images[chosen], out, method,
                                        target, top_k, titles)
     if run_pictures:
         first = (named[0][0], named[0][1]) if named else ("test[0]", test[0][0])
-        result.run_pictures = write_run_pictures(predictor, out, *test, first, embedding, map_size)
+        result.run_pictures = write_run_pictures(predictor, out, *test, first, embedding, config.map_size)
     return result
-
-
-def _check_options(method: str, embedding: str, map_size: int, count: int, top_k: int) -> None:
-    if method not in METHODS:
-        raise FmnistError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
-    if embedding not in EMBEDDINGS:
-        raise FmnistError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
-    for flag, value, least in (("--map-size", map_size, 10), ("--count", count, 1), ("--top-k", top_k, 1)):
-        if value < least:
-            raise FmnistError(f"{flag} must be at least {least}, got {value}")
 
 
 def _test_set(predictor: Predictor, data_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fmnist import FmnistError
+from fmnist.config import PredictConfig
 from fmnist.data import to_tensor
 from fmnist.inference.calibrate import OodDetector, load_detector, logits_and_features
 from fmnist.inference.forward import predict_logits
@@ -112,15 +113,16 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> Predictor:
     return Predictor(model, meta, Path(run_dir), load_detector(run, meta))
 
 
-def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 3,
-                  save_input: str | os.PathLike | None = None) -> dict[str, Any]:
+def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
+                  config: PredictConfig | None = None) -> dict[str, Any]:
     """Predictions for image, .npy and IDX files, as `Predictor.predict` returns them plus the
     model folder used; with `save_input`, writes the 28x28 image the model saw of each input as
     a PNG into that folder and names it in the prediction's "input_file". Of several files, one
     that cannot be read or shows nothing gets {"file", "error"} in its place and the others their
     answers; a single file's error, or every file's, is raised."""
-    if top_k < 1:
-        raise FmnistError(f"--top-k must be at least 1, got {top_k}")
+    config = config or PredictConfig()
+    config.validate()
+    top_k, save_input = config.top_k, config.save_input
     predictor = load_model(run_dir)
     read = read_each(paths) if len(paths) > 1 else [read_inputs(paths)]
     inputs = [item for got in read if not isinstance(got, FmnistError) for item in got]
