@@ -332,3 +332,19 @@ def render_photo(intensity: np.ndarray, base: np.ndarray, ink=(30, 30, 30), scal
     photo = base * (1 - layer[..., None]) + np.asarray(ink, np.float32) * layer[..., None]
     photo += np.random.default_rng(0).normal(0, noise, (h, w, 1))
     return Image.fromarray(np.clip(photo + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+BOUNDARY = "fmnistboundary"
+
+
+def post_image(address, data: bytes, path: str) -> tuple[int, dict]:
+    """POST a picture to the service as the web page does (multipart field `file`); (status, JSON)."""
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+    connection = http.client.HTTPConnection(*address[:2], timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import io
 import json
 import shutil
@@ -16,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import png, quiet, running_server, small_config, write_dataset
+from helpers import png, post_image, quiet, running_server, small_config, write_dataset
 from PIL import Image
 
 pytest.importorskip("captum")
@@ -248,21 +247,6 @@ def test_without_captum_one_line_names_the_extra(synthetic, monkeypatch, capsys)
 
 
 # ----------------------------------------------------------------------------- the service
-
-
-BOUNDARY = "explainboundary"
-
-
-def post_image(address, data: bytes, path: str) -> tuple[int, dict]:
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-    connection = http.client.HTTPConnection(*address[:2], timeout=60)
-    try:
-        connection.request("POST", path, body=body, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
 
 
 def test_service_explains_the_predicted_class(synthetic):

@@ -157,6 +157,10 @@ class TrainConfig:
                         within="[0, inf)", group="data")
     normalize: bool = opt(False, "standardise pixels by the training mean and std (the post only scales them to 0..1)",
                           group="data")
+    photos: str | None = opt(None, "folder of labelled real photos (DIR/train/<label>/*.jpg, optional DIR/validation/) "
+                             "mixed into training with --photo-share; unset: $FMNIST_PHOTOS", group="data")
+    photo_share: float = opt(0.0, "share of each batch drawn from the prepared --photos (0: the dataset alone)",
+                             within="[0, 1)", group="data")
     log_every: int = opt(100, "steps between printed loss lines (the post's 100)", within="[1, inf)", group="output")
     eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)", within="[0, inf)",
                           group="evaluation")
@@ -283,12 +287,12 @@ def resolve(cls, file: str | os.PathLike | None = None, **overrides):
 # What a resumed run may change: how long it trains, how it reports, where it runs. Everything
 # else would make it a different run than the one its checkpoint belongs to.
 RESUME_MAY_CHANGE = ("steps", "epochs", "log_every", "eval_every", "eval_test", "checkpoint_every", "plots",
-                     "tensorboard", "device", "threads", "data_dir", "nproc")
+                     "tensorboard", "device", "threads", "data_dir", "photos", "nproc")
 
 
 # Fields that say where and how a run is carried out or reported, not what it trains: two runs
 # that differ only in these follow the same recipe.
-NOT_RECIPE = ("out", "resume", "preset", "device", "threads", "data_dir", "nproc", "compile", "channels_last",
+NOT_RECIPE = ("out", "resume", "preset", "device", "threads", "data_dir", "photos", "nproc", "compile", "channels_last",
               "plots", "tensorboard", "log_every", "eval_every", "eval_test", "checkpoint_every")
 
 

@@ -38,8 +38,10 @@ from torch import nn
 
 from fmnist import FmnistError
 from fmnist.config import TrainConfig
-from fmnist.data import Split, load_splits
+from fmnist.data import Split, load_splits, to_tensor
+from fmnist.data.photos import find_photos_dir
 from fmnist.device import autocast_dtype
+from fmnist.inference.photo_sets import load_photo_set
 from fmnist.io import atomic_open
 from fmnist.run import ModelMeta, RunDir, load_network
 
@@ -48,6 +50,7 @@ PASS_RATE = 0.95  # share of validation images under the out-of-distribution thr
 BANK_SIZE = 10_000  # training images kept as neighbours (7.8 MB of pixels)
 K_PIXELS = 5  # the k-th nearest training image in pixel space
 K_FEATURES = 20  # the k-th nearest in the last convolution's pooled activations
+PHOTO_BANK = 0.8  # of a run's training photos in the bank; the rest set the threshold for photos
 
 
 # ----------------------------------------------------------------------------- calibration error
@@ -216,7 +219,11 @@ class OodDetector:
 
     @classmethod
     def fit(cls, bank_raw: torch.Tensor, bank_features: dict[str, torch.Tensor], val_raw: torch.Tensor,
-            val_features: dict[str, torch.Tensor]) -> OodDetector:
+            val_features: dict[str, torch.Tensor], photos_raw: torch.Tensor | None = None,
+            photos_features: dict[str, torch.Tensor] | None = None) -> OodDetector:
+        """Distances put on the validation split's scale; the threshold the one PASS_RATE of the
+        validation images stay under, raised, with held-out real photos, to the one PASS_RATE
+        of those stay under."""
         n = len(bank_raw)
         detectors = [Detector("pixels", min(K_PIXELS, n))] + [Detector(name, min(K_FEATURES, n)) for name in bank_features]
         detector = cls(bank_features | {"pixels": bank_raw}, detectors, threshold=0.0)
@@ -225,6 +232,9 @@ class OodDetector:
             detector.detectors[name].median = median
             detector.detectors[name].scale = max(d.quantile(PASS_RATE).item() - median, 1e-6)
         detector.threshold = detector.score(val_raw, val_features).quantile(PASS_RATE).item()
+        if photos_raw is not None and len(photos_raw):
+            photos_pass = detector.score(photos_raw, photos_features).quantile(PASS_RATE).item()
+            detector.threshold = max(detector.threshold, photos_pass)
         return detector
 
     def to_json(self) -> dict[str, Any]:
@@ -258,16 +268,31 @@ def bank_indices(n: int, size: int = BANK_SIZE, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
 
 
-def calibrate(model: nn.Module, meta: ModelMeta, train: Split, val: Split) -> tuple[dict[str, Any], OodDetector]:
+def calibrate(model: nn.Module, meta: ModelMeta, train: Split, val: Split,
+              photos: torch.Tensor | None = None) -> tuple[dict[str, Any], OodDetector]:
     """Fit the temperature and the out-of-distribution detector of a trained model; the
-    "calibration" entry of its model.json and the detector (whose banks go in ood.safetensors)."""
+    "calibration" entry of its model.json and the detector (whose banks go in ood.safetensors).
+    `photos`, uint8 (P, 28, 28): prepared real photos the model trained on; PHOTO_BANK of them
+    join the bank, so photos like them pass, and the rest set the threshold with the validation
+    split."""
     if len(val) == 0:
         raise FmnistError("calibration needs a validation split (--val-size > 0)")
     val_logits, val_features = logits_and_features(model, val.images, meta.tta)
     temperature = fit_temperature(val_logits, val.labels)
     bank = bank_indices(len(train))
-    _, bank_features = logits_and_features(model, train.images[bank.to(train.images.device)], meta.tta)
-    detector = OodDetector.fit(train.raw[bank], bank_features, val.raw, val_features)
+    bank_raw, bank_images = train.raw[bank], train.images[bank.to(train.images.device)]
+    held_raw = held_features = None
+    if photos is not None and len(photos):
+        order = bank_indices(len(photos), len(photos), seed=1)
+        cut = round(len(photos) * PHOTO_BANK)
+        norm = meta.normalization
+        photo_images = to_tensor(photos, norm.mean, norm.std, device=bank_images.device)
+        bank_raw = torch.cat([bank_raw, photos[order[:cut]]])
+        bank_images = torch.cat([bank_images, photo_images[order[:cut].to(bank_images.device)]])
+        held_raw = photos[order[cut:]]
+        _, held_features = logits_and_features(model, photo_images[order[cut:].to(bank_images.device)], meta.tta)
+    _, bank_features = logits_and_features(model, bank_images, meta.tta)
+    detector = OodDetector.fit(bank_raw, bank_features, val.raw, val_features, held_raw, held_features)
     figures = calibration_figures(val_logits, val.labels, temperature)
     entry = {"temperature": temperature, "ood": detector.to_json(),
              "validation": {k: v for k, v in figures.items() if k != "temperature"}}
@@ -304,7 +329,10 @@ def calibrate_run(run_dir, data_dir=None, device="cpu") -> dict[str, Any]:
         raise FmnistError(f"{run}: trained without a validation split (val_size {val_size!r}); "
                           "calibration needs images the model did not train on")
     splits = load_splits(val_size, meta.normalization, data_dir, device)
-    entry, detector = calibrate(model, meta, splits["train"], splits["val"])
+    photos = None
+    if meta.config.get("photo_share"):  # a run trained on photos: they join its bank again
+        photos = torch.as_tensor(load_photo_set(find_photos_dir(meta.config.get("photos"))).images)
+    entry, detector = calibrate(model, meta, splits["train"], splits["val"], photos)
     save_calibration(run, meta, entry, detector)
     return entry
 

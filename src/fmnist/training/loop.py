@@ -29,6 +29,7 @@ from fmnist import FmnistError
 from fmnist.config import TrainConfig, check_resumable, read_saved_config, to_dict
 from fmnist.data import CLASS_NAMES, BatchSampler, Normalization, load_splits
 from fmnist.data.augment import Augment
+from fmnist.data.photos import find_photos_dir
 from fmnist.device import autocast_dtype, keep_freed_memory, resolve_device
 from fmnist.distributed import Dist, GracefulStop, setup
 from fmnist.evaluate import Evaluation, evaluate_split
@@ -46,6 +47,7 @@ from fmnist.run import (
 from fmnist.training.checkpoint import CheckpointSaver
 from fmnist.training.metrics import Metrics, open_metrics
 from fmnist.training.optim import build_ema, build_optimizer, lr_at, set_lr, total_steps
+from fmnist.training.photos import PhotoMix, photo_mix, photo_validation, set_loss
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Learner:
     sampler: BatchSampler
     augment: Augment
     ema: torch.optim.swa_utils.AveragedModel | None
+    photos: PhotoMix | None = None  # real photos drawn into each batch (--photos, --photo-share)
 
     @property
     def final(self) -> nn.Module:
@@ -66,27 +69,41 @@ class Learner:
 
     def stateful(self) -> dict:
         parts = {"model": self.model, "optimizer": self.optimizer, "sampler": self.sampler, "augment": self.augment}
-        return parts | ({"ema": self.ema} if self.ema is not None else {})
+        return parts | ({"ema": self.ema} if self.ema is not None else {}) | \
+            ({"photos": self.photos} if self.photos is not None else {})
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, ctx: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of the next batch, augmented; with photos, targets are sets."""
+        idx = ctx.my_share(self.sampler.next())
+        x, y = images[idx], labels[idx]
+        if self.photos is not None:
+            x, y = self.photos.add_to(x, y, ctx)
+        return self.augment(x), y
 
     def update_ema(self) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
 
-def build_learner(cfg: TrainConfig, n_train: int, norm: Normalization, device: torch.device) -> Learner:
+def build_learner(cfg: TrainConfig, n_train: int, norm: Normalization, device: torch.device,
+                  photos: PhotoMix | None = None) -> Learner:
     model = build_model(cfg.model, **cfg.model_args)
     init_weights(model, cfg.init)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    return Learner(model, build_optimizer(model, cfg), BatchSampler(n_train, cfg.batch_size, cfg.seed, device),
-                   Augment.from_config(cfg, norm.black, norm.std, device), build_ema(model, cfg.ema))
+    dataset_images = cfg.batch_size - (photos.per_batch if photos is not None else 0)
+    return Learner(model, build_optimizer(model, cfg), BatchSampler(n_train, dataset_images, cfg.seed, device),
+                   Augment.from_config(cfg, norm.black, norm.std, device), build_ema(model, cfg.ema), photos)
 
 
 def train_step(model, optimizer, x, y, amp_dtype: torch.dtype | None = None,
                label_smoothing: float = 0.0, grad_clip: float = 0.0) -> torch.Tensor:
-    """One optimiser step on a batch; returns the mean batch loss, still on the device."""
+    """One optimiser step on a batch; returns the mean batch loss, still on the device. `y` holds
+    labels (B,), or sets of accepted classes (B, classes) bool when photos are mixed in."""
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        logits = model(x).float()
+        loss = set_loss(logits, y, label_smoothing) if y.dtype == torch.bool else \
+            F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -210,6 +227,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> TrainResult:
     """Train as `cfg` says, in this process, or as one process of a torchrun job."""
     cfg.validate()
     model_spec(cfg.model)  # an unknown network, in one line before any data is read
+    if cfg.photo_share:
+        find_photos_dir(cfg.photos)  # the photos' folder, as early
     keep_freed_memory()
     ctx = setup(resolve_device(cfg.device))
     try:
@@ -257,12 +276,13 @@ def _train(cfg: TrainConfig, ctx: Dist, held: ExitStack, progress: bool, log) ->
     norm = Normalization.of_training_set(cfg.normalize)
     data = load_splits(cfg.val_size, norm, cfg.data_dir, device)
     steps = total_steps(cfg, len(data["train"]))
-    learner = build_learner(cfg, len(data["train"]), norm, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    photos = photo_mix(cfg, norm, device, ctx.world_size, log, memory_format, progress)
+    learner = build_learner(cfg, len(data["train"]), norm, device, photos)
     model, optimizer = learner.model, learner.optimizer
     if ctx.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # its own dropout masks
     amp_dtype = autocast_dtype(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images, labels = data["train"].images.contiguous(memory_format=memory_format), data["train"].labels
 
     run = open_run_dir(cfg, ctx, held)
@@ -291,8 +311,7 @@ def _train(cfg: TrainConfig, ctx: Dist, held: ExitStack, progress: bool, log) ->
             # ---- the loop: learning rate, batch, augment, step, EMA; then log, evaluate, checkpoint
             for step in bar:
                 lr = set_lr(optimizer, lr_at(step, cfg, steps))
-                idx = ctx.my_share(learner.sampler.next())
-                loss = train_step(net, optimizer, learner.augment(images[idx]), labels[idx], amp_dtype,
+                loss = train_step(net, optimizer, *learner.batch(images, labels, ctx), amp_dtype,
                                   cfg.label_smoothing, cfg.grad_clip)
                 learner.update_ema()
                 losses.add(step, lr, loss)
@@ -331,11 +350,12 @@ def _train(cfg: TrainConfig, ctx: Dist, held: ExitStack, progress: bool, log) ->
         meta = ModelMeta(cfg.model, cfg.model_args, list(CLASS_NAMES), norm, tta=cfg.tta, config=to_dict(cfg),
                          steps=steps, train_seconds=train_seconds,
                          metrics={"test_accuracy": test_result.accuracy, "test_loss": test_result.loss,
-                                  "val_accuracy": val_result.accuracy if val_result else None})
+                                  "val_accuracy": val_result.accuracy if val_result else None}
+                         | photo_validation(cfg, learner.final, norm, device, log))
         check_finite(learner.final, f"{run}: the final weights", f"{saver.last_good()}; lower --lr")
         if ctx.is_main:
             save_model(run, learner.final, meta)
-            calibrate_model(run, learner.final, meta, data, log)
+            calibrate_model(run, learner.final, meta, data, learner, log)
         # After model.json: a run killed before this point resumes from its previous checkpoint
         # and trains its last steps again.
         saver.finish(steps, meta.metrics["val_accuracy"], train_seconds)
@@ -348,13 +368,14 @@ def _train(cfg: TrainConfig, ctx: Dist, held: ExitStack, progress: bool, log) ->
     return TrainResult(run.path, test_result, val_result, steps, train_seconds, learner.final)
 
 
-def calibrate_model(run: RunDir, model: torch.nn.Module, meta: ModelMeta, data: dict, log) -> None:
+def calibrate_model(run: RunDir, model: torch.nn.Module, meta: ModelMeta, data: dict, learner: Learner, log) -> None:
     """The temperature and the out-of-distribution detector, fitted on the validation split
     (fmnist.calibrate); a run without one stays uncalibrated, and says so."""
     if not len(data["val"]):
         log("not calibrated: no validation split (--val-size 0); probabilities are the raw softmax")
         return
-    entry, detector = calibrate(model, meta, data["train"], data["val"])
+    photos = learner.photos.raw if learner.photos is not None else None
+    entry, detector = calibrate(model, meta, data["train"], data["val"], photos)
     save_calibration(run, meta, entry, detector)
     figures = entry["validation"]
     log(f"calibrated on the validation split: temperature {entry['temperature']:.3f}, "
