@@ -139,7 +139,8 @@ def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
             entries.append({"file": str(path), "error": str(got)})
         else:
             entries += [next(answers) for _ in got]
-    return {"model": str(run_dir), "predictions": entries}
+    threshold = predictor.detector.threshold if predictor.detector is not None else None
+    return {"model": str(run_dir), "ood_threshold": threshold, "predictions": entries}
 
 
 def format_predictions(result: dict[str, Any]) -> str:
@@ -154,9 +155,13 @@ def format_predictions(result: dict[str, Any]) -> str:
             continue
         if entry.get("input_file"):
             lines.append(f"  (the model saw {entry['input_file']})")
+        threshold = result.get("ood_threshold")
         if entry.get("in_distribution") is False:
-            lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}); "
-                         "the classes below are the model's guess all the same")
+            lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}, "
+                         f"flagged above {threshold:.2f}); the classes below are the model's guess all the same")
+        elif entry.get("ood_score") is not None:
+            lines.append(f"  looks like clothing (out-of-distribution score {entry['ood_score']:.2f}, flagged above "
+                         f"{threshold:.2f}); a confident answer can still be wrong")
         width = max(len(t["label"]) for t in entry["top"])
         for rank, t in enumerate(entry["top"], 1):
             bar = "#" * round(20 * t["probability"])

@@ -184,6 +184,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
             "status": "ok" if batcher.running else "unavailable",
             "model": predictor.meta.model,
             "test_accuracy": predictor.meta.test_accuracy,
+            # Scores above this are flagged "does not look like clothing" (None: not calibrated).
+            "ood_threshold": predictor.detector.threshold if predictor.detector is not None else None,
             "batches": batcher.batches,
             "images": batcher.images,
         }, status_code=200 if batcher.running else 503)

@@ -87,16 +87,19 @@ async function classify(blob, name) {
       $("predictions").replaceChildren();
       const noObject = response.status === 422 && String(body.detail).includes("no object found");
       setStatus(noObject
-        ? `No object found in ${name}: photograph one item on a plain background, filling most of the picture.`
+        ? `No object found in ${name}: photograph one item on a plain background, filling most of the picture (see "For a photo").`
         : `Error ${response.status}: ${body.detail}`, true);
       return;
     }
     $("model-input").src = body.input;
     showPredictions(body.top);
     $("predictions").classList.toggle("doubtful", body.in_distribution === false);
+    const flaggedAbove = oodThreshold == null ? "" : `, flagged above ${oodThreshold.toFixed(2)}`;
     if (body.in_distribution === false) {
-      setStatus(`${name} does not look like clothing (out-of-distribution score ${body.ood_score.toFixed(2)}): ` +
-                "the bars below are the model's guess all the same.", true);
+      setStatus(`${name} does not look like clothing (out-of-distribution score ${body.ood_score.toFixed(2)}` +
+                `${flaggedAbove}): the bars below are the model's guess all the same.`, true);
+    } else if (body.ood_score != null) {
+      setStatus(`${name}: ${body.top[0].label} (out-of-distribution score ${body.ood_score.toFixed(2)}${flaggedAbove})`);
     } else {
       setStatus(`${name}: ${body.top[0].label}`);
     }
@@ -156,7 +159,9 @@ $("classify-drawing").addEventListener("click", () => {
 });
 
 // ---------------------------------------------------------------- model info
+let oodThreshold = null;  // from /healthz: scores above it are flagged
 fetch("/healthz").then((r) => r.json()).then((h) => {
+  oodThreshold = h.ood_threshold;
   const acc = h.test_accuracy == null ? "" : `, test accuracy ${(100 * h.test_accuracy).toFixed(1)}%`;
   $("model-info").textContent = `Model: ${h.model}${acc}.`;
 }).catch(() => {});
