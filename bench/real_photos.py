@@ -9,8 +9,8 @@ passing the out-of-distribution flag, refusals and seconds per photo.
 
 DIR holds one folder per label, DIR/<label>/*.jpg, as the CC0 collection
 github.com/alexeygrigorev/clothing-dataset-small does (train/, validation/, test/ each laid out
-so). A label's photos count towards accuracy when `ACCEPTED` gives it a set of Fashion-MNIST
-classes; a prediction is right when it is in that set (partial labels: a long sleeve may be a
+so). A label's photos count towards accuracy when `fmnist.data.photos.ACCEPTED` gives it a set
+of Fashion-MNIST classes (the table training on photos uses); a prediction is right when it is in that set (partial labels: a long sleeve may be a
 pullover or a shirt). Labels without a class (shorts, skirt, hat) count only in the confusion
 table and in the out-of-distribution figures. A photo the preparation refuses ("no object
 found", an unreadable file) counts as a miss and is listed. Seconds per photo: decoding,
@@ -36,30 +36,11 @@ from PIL import Image, ImageDraw
 
 from fmnist import FmnistError
 from fmnist.data import CLASS_NAMES
-from fmnist.images import ImageError, open_image, prepare_image
-from fmnist.predict import Predictor, load_model
+from fmnist.data.photos import ACCEPTED, PHOTO_SUFFIXES
+from fmnist.inference.decode import ImageError, open_image
+from fmnist.inference.photo import prepare_image
+from fmnist.inference.predictor import Predictor, load_model
 
-# The Fashion-MNIST classes a photo of each label may rightly be called. Labels missing here
-# (shorts, skirt, hat) have no class. Kept in one table so that training on photos can use it.
-ACCEPTED: dict[str, frozenset[str]] = {
-    label: frozenset(classes)
-    for label, classes in {
-        "t-shirt": {"T-shirt/top"},
-        "shirt": {"Shirt"},
-        "longsleeve": {"Pullover", "Shirt"},
-        "outwear": {"Coat"},
-        "dress": {"Dress"},
-        "pants": {"Trouser"},
-        "shoes": {"Sandal", "Sneaker", "Ankle boot"},
-        "polo": {"T-shirt/top", "Shirt"},
-        "blouse": {"T-shirt/top", "Shirt"},
-        "top": {"T-shirt/top"},
-        "undershirt": {"T-shirt/top"},
-        "hoodie": {"Pullover", "Coat"},
-        "blazer": {"Coat"},
-    }.items()
-}
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SHEET_SCALE = 3  # each 28x28 tile drawn 3x larger
 SHEET_COLUMNS = 10
 REFUSED = "refused"  # the confusion table's column for photos that got no class
