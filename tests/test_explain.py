@@ -196,6 +196,27 @@ def test_explain_command_json_for_files_and_default_folder(synthetic, tmp_path, 
                                                              "item-gradcam.png"]
 
 
+def test_explain_answers_each_file_it_can_and_names_each_refused_one(synthetic, tmp_path, capsys):
+    data, run = synthetic
+    images, _ = first_test_images(data, 1)
+    (tmp_path / "item.png").write_bytes(png(images[0]))
+    Image.new("RGB", (320, 240), (236, 230, 220)).save(tmp_path / "blank.png")
+    (tmp_path / "notes.jpg").write_bytes(b"not a picture")
+    files = [tmp_path / "item.png", tmp_path / "blank.png", tmp_path / "notes.jpg"]
+    code, out, err = run_cli(capsys, "explain", "--model", run, *files, "--out", tmp_path / "out", "--json",
+                             "--no-run-pictures")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [e["file"] for e in result["images"]] == [str(files[0])]
+    assert [r["file"] for r in result["refused"]] == [str(files[1]), str(files[2])]
+    assert "no object found" in result["refused"][0]["error"]
+    code, out, err = run_cli(capsys, "explain", "--model", run, *files, "--out", tmp_path / "out2", "--no-run-pictures")
+    assert code == 0 and out.splitlines() == [str(tmp_path / "out2" / "item-occlusion.png")]
+    assert err.count("fmnist: not explained: ") == 2
+    code, out, err = run_cli(capsys, "explain", "--model", run, *files[1:], "--out", tmp_path / "out3")
+    assert code == 2 and err.startswith("fmnist: error: none of the 2 files could be explained")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--target", "Hat"], "--target: unknown class 'Hat'"),
     (["--target", "12"], "--target: class index 12 is outside 0..9"),
