@@ -91,7 +91,9 @@ ABOUT = {
                       "(aimed at >= 94% in seconds on one H200)"),
     "photo": About("for real photos: cpu-fast with a quarter of each batch from labelled photos people took "
                    "(--photos DIR, laid out as DIR/train/<label>/*.jpg), trained on sets of accepted classes",
-                   "not measured yet"),
+                   "93.73% test accuracy; on the 290 clothing photos of clothing-dataset-small's validation/ "
+                   "84.8% top-1 in the accepted classes (shoes 80.8%), 91.0% passing the out-of-distribution "
+                   "flag (seed 0, 5586 steps, 1338 s on 2 busy CPU cores)"),
     "best": About("a wide ResNet (WRN-28-10), 40 epochs of SGD cosine, random erasing, EMA, flip test-time "
                   "augmentation, compiled",
                   "95.84% test accuracy in 3.6 min on one H200 (aimed at >= 96% within 10 minutes)"),
