@@ -9,6 +9,9 @@ it), so that the fast tier runs without them:
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from helpers import quiet, small_config, write_dataset
 
@@ -72,3 +75,26 @@ def tiny_run(tmp_path_factory, shared_synthetic_dir):
     out = tmp_path_factory.mktemp("cwd") / "runs" / "tiny"
     train(small_config(shared_synthetic_dir, out, steps=4), progress=False, log=quiet)
     return out
+
+
+REAL_PHOTOS = Path(__file__).parent / "data" / "photos"  # CC0 photos people took (README there)
+
+
+@pytest.fixture
+def photo_folder(tmp_path, monkeypatch) -> Path:
+    """tests/data/photos laid out as a collection of labelled photos: train/<label>/ and
+    validation/<label>/, the blank floor among the trousers (the preparation finds nothing on
+    it) and a hat (a label with no class); prepared photos are cached in the test's own folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "photos"
+    for split in ("train", "validation"):
+        for path in sorted(REAL_PHOTOS.glob("*.jpg")):
+            if path.stem == "blank-floor":
+                continue
+            label = "shoes" if path.stem.startswith("shoes") else path.stem
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, root / split / label / path.name)
+    shutil.copy(REAL_PHOTOS / "blank-floor.jpg", root / "train" / "pants" / "blank-floor.jpg")
+    (root / "train" / "hat").mkdir()
+    shutil.copy(REAL_PHOTOS / "t-shirt.jpg", root / "train" / "hat" / "cap.jpg")
+    return root

@@ -184,7 +184,7 @@ def test_train_help_groups_the_flags_and_says_each_default_once(capsys):
         block = " ".join(text[text.index(f"  {flag} "):].split("\n  --")[0].split())
         assert "one of: " in block, block
     for choices in ("one of: adam, adamw, sgd", "one of: constant, cosine, onecycle", "one of: auto, fp32, bf16",
-                    "one of: post, cpu-fast, cpu-fast-v1, gpu-fast, best"):
+                    "one of: post, cpu-fast, cpu-fast-v1, gpu-fast, photo, best"):
         assert choices in " ".join(text.split()), choices
     assert "in (0, 1]; default: 0.75" in " ".join(text.split())  # --keep-prob: its range and default
 

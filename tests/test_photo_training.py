@@ -4,7 +4,6 @@ and the service: the CC0 photos in tests/data/photos (README there)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +24,6 @@ from fmnist.training.photos import set_accuracy, set_loss
 PHOTOS = Path(__file__).parent / "data" / "photos"
 LABELLED = sorted(p for p in PHOTOS.glob("*.jpg") if p.stem != "blank-floor")
 BLANK = PHOTOS / "blank-floor.jpg"
-
-
-def label_of(path: Path) -> str:
-    return "shoes" if path.stem.startswith("shoes") else path.stem
-
-
-@pytest.fixture
-def photo_folder(tmp_path) -> Path:
-    """tests/data/photos laid out as a collection: train/<label>/, validation/<label>/, the
-    blank floor among the trousers (the preparation finds nothing on it) and a hat (no class)."""
-    root = tmp_path / "photos"
-    for split in ("train", "validation"):
-        for path in LABELLED:
-            (root / split / label_of(path)).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, root / split / label_of(path) / path.name)
-    shutil.copy(BLANK, root / "train" / "pants" / BLANK.name)
-    (root / "train" / "hat").mkdir()
-    shutil.copy(LABELLED[0], root / "train" / "hat" / "cap.jpg")
-    return root
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -72,8 +52,7 @@ def test_labels_map_to_their_accepted_classes_and_classless_labels_are_left_out(
     assert len(list_photos(photo_folder, "test")) == 0
 
 
-def test_prepared_photos_are_cached_and_nothing_found_is_left_out(photo_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_prepared_photos_are_cached_and_nothing_found_is_left_out(photo_folder, tmp_path):
     first = load_photo_set(photo_folder, "train")
     assert len(first) == len(LABELLED) and first.refused == 1 and first.images.dtype == np.uint8
     assert len(list((tmp_path / "cache" / "fmnist" / "photos").glob("*.npz"))) == 1
@@ -93,10 +72,9 @@ def test_the_photos_folder_is_required_and_named_in_one_line(tmp_path, monkeypat
         find_photos_dir(None)
 
 
-def test_training_with_photos_resumes_bit_for_bit(photo_folder, shared_synthetic_dir, tmp_path, monkeypatch):
+def test_training_with_photos_resumes_bit_for_bit(photo_folder, shared_synthetic_dir, tmp_path):
     """8 steps straight, and 4 then 4 more after a resume: the photo sampler's place is in the
     checkpoint, so both give the same weights; model.json has the photos' validation figure."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     flags = dict(photos=str(photo_folder), photo_share=0.25, checkpoint_every=4, tta=True)
     straight = train(small_config(shared_synthetic_dir, tmp_path / "straight", steps=8, **flags),
                      progress=False, log=quiet)

@@ -146,7 +146,7 @@ def test_augmented_run_keeps_labels_and_learns(synthetic_dir, tmp_path):
 
 # The wide ResNet's two steps take 5-20 s of a 2-core CPU: out of the fast tier.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "best" else n for n in PRESETS])
-def test_presets_resolve_and_run_on_the_cpu(name, tmp_path):
+def test_presets_resolve_and_run_on_the_cpu(name, tmp_path, photo_folder):
     cfg = resolve_train(preset=name)
     cfg.validate()
     assert dataclasses.asdict(cfg)["preset"] == name
@@ -154,7 +154,8 @@ def test_presets_resolve_and_run_on_the_cpu(name, tmp_path):
     # dataset small enough for the wide ResNet to evaluate in a moment.
     data = write_dataset(tmp_path / "fashion", n_train=64, n_test=16)
     short = dataclasses.replace(cfg, steps=2, epochs=None, batch_size=8, val_size=8, compile=False,
-                                data_dir=str(data), out=str(tmp_path / name), plots=False)
+                                data_dir=str(data), out=str(tmp_path / name), plots=False,
+                                photos=str(photo_folder) if cfg.photo_share else None)  # the photo preset's
     result = train(short, progress=False, log=quiet)
     assert 0.0 <= result.test.accuracy <= 1.0
 

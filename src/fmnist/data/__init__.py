@@ -4,6 +4,7 @@
 - `locate`: where the four files are looked for, and the hardened download.
 - `splits`: class names, the train/validation/test splits as tensors, the batch sampler.
 - `augment`: augmentation as operations on a whole batch tensor.
+- `photos`: folders of labelled real photos and the classes each label accepts.
 """
 
 from fmnist.data.idx import DataError, load_idx, parse_idx, save_idx
