@@ -42,7 +42,7 @@ from fmnist.explain.attribution import (  # noqa: E402
     overlay_rgb,
     targets_for,
 )
-from fmnist.inference.inputs import file_stems, read_each, read_inputs  # noqa: E402
+from fmnist.inference.inputs import answered, file_stems, read_each  # noqa: E402
 from fmnist.inference.predictor import Predictor, load_model  # noqa: E402
 from fmnist.plots import save_figure  # noqa: E402
 from fmnist.run import RunDir  # noqa: E402
@@ -308,12 +308,10 @@ def explain_run(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] 
     predictor = load_model(run_dir)
     if target is not None:
         class_index(predictor, target)
-    read = read_each(inputs) if len(inputs) > 1 else [read_inputs(inputs)] if inputs else []
-    named = [item for got in read if not isinstance(got, FmnistError) for item in got]
+    read = read_each(inputs, "explained") if inputs else []
+    named = answered(read)
     refused = [{"file": str(path), "error": str(got)} for path, got in zip(inputs, read, strict=True)
                if isinstance(got, FmnistError)]
-    if inputs and not named:
-        raise FmnistError(f"none of the {len(inputs)} files could be explained; the first: {refused[0]['error']}")
     out = Path(config.out) if config.out is not None else RunDir(run_dir).explain_dir
     try:
         out.mkdir(parents=True, exist_ok=True)

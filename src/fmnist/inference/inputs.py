@@ -83,17 +83,28 @@ def read_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, np.ndarra
     return inputs
 
 
-def read_each(paths: Sequence[str | os.PathLike]) -> list[list[tuple[str, np.ndarray]] | FmnistError]:
+def read_each(paths: Sequence[str | os.PathLike], verb: str = "answered",
+              ) -> list[list[tuple[str, np.ndarray]] | FmnistError]:
     """`read_inputs` file by file: per path, its inputs, or the error that refused it (a picture
     with nothing on it, a file that is not an image), so one bad file in a folder does not cost
-    the others their answers."""
+    the others their answers. A single file's error is raised as it is; when every file is
+    refused, "none of the N files could be <verb>"."""
+    if len(paths) == 1:
+        return [read_inputs(paths)]
     read = []
     for path in paths:
         try:
             read.append(read_inputs([path]))
         except FmnistError as e:
             read.append(e)
+    if read and all(isinstance(got, FmnistError) for got in read):
+        raise FmnistError(f"none of the {len(paths)} files could be {verb}; the first: {read[0]}")
     return read
+
+
+def answered(read: list[list[tuple[str, np.ndarray]] | FmnistError]) -> list[tuple[str, np.ndarray]]:
+    """The inputs of the files `read_each` could read, in order."""
+    return [item for got in read if not isinstance(got, FmnistError) for item in got]
 
 
 def input_stem(name: str) -> str:

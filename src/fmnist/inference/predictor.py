@@ -32,7 +32,7 @@ from fmnist.config import PredictConfig
 from fmnist.data import to_tensor
 from fmnist.inference.calibrate import OodDetector, load_detector, logits_and_features
 from fmnist.inference.forward import predict_logits
-from fmnist.inference.inputs import read_each, read_inputs, save_inputs
+from fmnist.inference.inputs import answered, read_each, save_inputs
 from fmnist.inference.photo import prepare_batch
 from fmnist.run import ModelMeta, RunDir, load_network
 
@@ -124,10 +124,8 @@ def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
     config.validate()
     top_k, save_input = config.top_k, config.save_input
     predictor = load_model(run_dir)
-    read = read_each(paths) if len(paths) > 1 else [read_inputs(paths)]
-    inputs = [item for got in read if not isinstance(got, FmnistError) for item in got]
-    if not inputs:
-        raise FmnistError(f"none of the {len(paths)} files could be answered; the first: {read[0]}")
+    read = read_each(paths, "answered")
+    inputs = answered(read)
     result = predictor.predict(np.stack([image for _, image in inputs]), top_k, names=[name for name, _ in inputs])
     if save_input is not None:  # each prediction says where the image the model saw went
         for entry, path in zip(result["predictions"], save_inputs(save_input, inputs), strict=True):
