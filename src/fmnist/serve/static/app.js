@@ -67,6 +67,7 @@ function authHeaders() {
 async function classify(blob, name) {
   const picture = ++latest;
   $("explanation-box").hidden = true;
+  $("ood-note").textContent = "";
   $("preview").src = URL.createObjectURL(blob);
   setStatus(`Classifying ${name}...`);
   const form = new FormData();
@@ -98,11 +99,13 @@ async function classify(blob, name) {
     if (body.in_distribution === false) {
       setStatus(`${name} does not look like clothing (out-of-distribution score ${body.ood_score.toFixed(2)}` +
                 `${flaggedAbove}): the bars below are the model's guess all the same.`, true);
-    } else if (body.ood_score != null) {
-      setStatus(`${name}: ${body.top[0].label} (out-of-distribution score ${body.ood_score.toFixed(2)}${flaggedAbove})`);
     } else {
       setStatus(`${name}: ${body.top[0].label}`);
     }
+    $("ood-note").textContent = body.in_distribution === true
+      ? `Out-of-distribution score ${body.ood_score.toFixed(2)}${flaggedAbove}: it looks like clothing, ` +
+        "which does not make the answer right."
+      : "";
     explain(blob, name, picture);
   } catch (err) {
     setStatus(`Cannot reach the service: ${err}`, true);
