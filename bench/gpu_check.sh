@@ -62,9 +62,9 @@ step "evaluation throughput of the post's model on $DEVICE (10,000 test images)"
 python3 - "$RUNS/post" "$DEVICE" "$EVALN" <<'EOF'
 import statistics, sys, time
 import torch
-from fmnist.checkpoint import load_network
+from fmnist.run import load_network
 from fmnist.data import load_split, to_tensor
-from fmnist.evaluate import predict_logits
+from fmnist.inference.forward import predict_logits
 run, device, repeats = sys.argv[1], torch.device(sys.argv[2]), int(sys.argv[3])
 model, meta = load_network(run, device)
 model = model.to(memory_format=torch.channels_last)

@@ -49,7 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, meta = load_network(args.model)
-    model = model.to(memory_format=torch.channels_last)  # as fmnist.predict runs it
+    model = model.to(memory_format=torch.channels_last)  # as fmnist.inference.predictor runs it
     raw, _ = load_split("test")
     normalised = to_tensor(raw, meta.normalization.mean, meta.normalization.std).contiguous(memory_format=torch.channels_last)
     pixels = raw.astype(np.float32)[:, None]

@@ -10,7 +10,7 @@ through `RunDir` and `ModelMeta`; nobody else spells a file name or a key.
         last.pt, best.pt     training state to resume from (`fmnist.training.checkpoint`)
         *.png                plots (`fmnist.plots`)
         tensorboard/         event files, with `fmnist train --tensorboard`
-        explain/             pictures of what the model learnt, by `fmnist explain` (`fmnist.explain`)
+        explain/             pictures of what the model learnt, by `fmnist explain` (`fmnist.explain.pictures`)
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class ModelMeta:
     steps: int = 0
     train_seconds: float = 0.0
     metrics: dict[str, float | None] = field(default_factory=dict)  # test_accuracy, test_loss, val_accuracy
-    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, ood (fmnist.calibrate)
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, ood (fmnist.inference.calibrate)
     format: str = MODEL_FORMAT
     version: str = __version__  # of fmnist, when written
     input: dict[str, Any] = field(default_factory=lambda: dict(INPUT))
@@ -413,7 +413,7 @@ def save_model(run: RunDir, model: nn.Module, meta: ModelMeta) -> None:
 
 def load_network(run_dir: str | os.PathLike | RunDir, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
     """The trained network of a run folder, in eval mode, and its description. For inference
-    use `fmnist.predict.load_model`, which wraps both."""
+    use `fmnist.inference.predictor.load_model`, which wraps both."""
     run = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
     meta = run.read_meta()
     path = run.weights_path

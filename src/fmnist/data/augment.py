@@ -91,7 +91,7 @@ def _resample(raw: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 def random_photo(x: torch.Tensor, generator: torch.Generator, p: float, fill: float = 0.0, std: float = 1.0,
                  max_degrees: float = 15.0, object_level: float = 0.05) -> torch.Tensor:
-    """With probability p, make each image look like a photo after `fmnist.images.prepare_image`:
+    """With probability p, make each image look like a photo after `fmnist.inference.photo.prepare_image`:
     mirrored (half of them), rotated by up to `max_degrees` and stretched by up to 15% along
     one axis, cropped to its object again and resized so its longest side fills the image
     (what the preparation does to any picture), its intensities bent by a gamma in

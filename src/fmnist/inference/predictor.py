@@ -11,9 +11,9 @@ the Python API.
     predictor.predict([PIL.Image.open("shoe.jpg")])
     # {"predictions": [{"file": None, "top": [...], "ood_score": 0.3, "in_distribution": True}]}
 
-Pictures are made to look like Fashion-MNIST images by `fmnist.images.prepare_image` first.
+Pictures are made to look like Fashion-MNIST images by `fmnist.inference.photo.prepare_image` first.
 Probabilities are tempered by the run's calibration, and every prediction says whether the image
-looks like Fashion-MNIST at all (`fmnist.calibrate`); for a run trained before calibration existed
+looks like Fashion-MNIST at all (`fmnist.inference.calibrate`); for a run trained before calibration existed
 both come from `fmnist calibrate --model RUN_DIR`, and until then `ood_score` and `in_distribution` are None.
 """
 

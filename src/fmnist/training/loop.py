@@ -6,10 +6,10 @@ is a step function, an evaluation and `lr_at(step)`.
     fmnist train --epochs 10 --out runs/ten
     fmnist train --resume runs/ten     # continue from its last checkpoint (runs/ten/last.pt)
     fmnist train --nproc 2             # DistributedDataParallel in 2 processes (fmnist.distributed)
-    fmnist train --tensorboard         # also TensorBoard event files (fmnist.metrics)
+    fmnist train --tensorboard         # also TensorBoard event files (fmnist.training.metrics)
 
 The run folder (`fmnist.run`) gets config.json, metrics.jsonl, model.safetensors + model.json
-(the product) and last.pt / best.pt, the training state to resume from (`fmnist.checkpoint`).
+(the product) and last.pt / best.pt, the training state to resume from (`fmnist.training.checkpoint`).
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def _train(cfg: TrainConfig, ctx: Dist, held: ExitStack, progress: bool, log) ->
 
 def calibrate_model(run: RunDir, model: torch.nn.Module, meta: ModelMeta, data: dict, learner: Learner, log) -> None:
     """The temperature and the out-of-distribution detector, fitted on the validation split
-    (fmnist.calibrate); a run without one stays uncalibrated, and says so."""
+    (fmnist.inference.calibrate); a run without one stays uncalibrated, and says so."""
     if not len(data["val"]):
         log("not calibrated: no validation split (--val-size 0); probabilities are the raw softmax")
         return
