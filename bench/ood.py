@@ -8,22 +8,24 @@ Per set and method: AUROC (Fashion-MNIST test images against the set) and the sh
 flagged at the run's stored threshold for fmnist's score (95% of the *validation* images pass it;
 a run trained on photos raises it so that 95% of its held-out training photos pass too) and at
 the 95%-of-validation threshold for the others, and
-the share of test images that pass at it. The sets are built here from data that installs with
-the project's benchmark requirements (scikit-learn's digits and sample photographs) and drawn
-with Pillow, each from a fixed seed:
+the share of test images that pass at it. Each set from a fixed seed:
 
-  digits   scikit-learn's 1,797 handwritten digits, 8x8 upscaled to 28x28
   noise    uniform, Gaussian, salt-and-pepper and blocky noise
   blank    64 plain canvases, black to white
   text     words and characters in Pillow's default font
   shapes   outlines of rectangles, ellipses, triangles and lines
   faces    smiley faces, line drawings
-  scenes   grey patches of scikit-learn's two sample photographs
   inverted Fashion-MNIST test images, dark on light (a picture prepared without its background removed)
 
-and three kinds held out, never used to choose anything about the score: glyphs (one letter,
-digit or sign in the installed TrueType fonts), filled shapes (discs, boxes, triangles, stars,
-thick lines) and smooth blobs.
+These six are kinds the score is fitted on (drawn by `fmnist.inference.outliers` from another
+seed, with gradients and textures besides). Five kinds are held out, never drawn for the fit nor
+used to choose anything about it:
+
+  digits   scikit-learn's 1,797 handwritten digits, 8x8 upscaled to 28x28
+  scenes   grey patches of scikit-learn's two sample photographs
+  glyphs   one letter, digit or sign in the installed TrueType fonts
+  filled   filled discs, boxes, triangles, stars and thick lines
+  blobs    smooth shapes: soft light clouds and solid blobs
 
 With `--photos N`, also the other side of the coin: N photographs of test images per condition
 of bench/photos.py (uneven light, textures, shadows, ...), prepared as `fmnist predict` prepares
@@ -43,96 +45,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fmnist.data import load_split, to_tensor
 from fmnist.inference.calibrate import logits_and_features
+from fmnist.inference.outliers import blank, faces, noise, resize, shapes, text
 from fmnist.inference.predictor import load_model
-
-SIZE = 28
-
-
-def resize(a: np.ndarray) -> np.ndarray:
-    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((SIZE, SIZE), Image.BILINEAR))
 
 
 def digits() -> np.ndarray:
     from sklearn.datasets import load_digits
 
     return np.stack([resize((im * (255 / 16)).astype(np.uint8)) for im in load_digits().images])
-
-
-def noise(n: int, rng) -> np.ndarray:
-    out = []
-    for i in range(n):
-        kind = i % 4
-        if kind == 0:
-            a = rng.integers(0, 256, (SIZE, SIZE))
-        elif kind == 1:
-            a = np.clip(rng.normal(128, 64, (SIZE, SIZE)), 0, 255)
-        elif kind == 2:
-            a = (rng.random((SIZE, SIZE)) < rng.uniform(0.05, 0.5)) * 255
-        else:
-            a = resize(rng.integers(0, 256, (7, 7)).astype(np.uint8))
-        out.append(np.asarray(a, dtype=np.uint8))
-    return np.stack(out)
-
-
-def blank(n: int, rng) -> np.ndarray:
-    return np.stack([np.full((SIZE, SIZE), v, np.uint8) for v in np.linspace(0, 255, n).astype(int)])
-
-
-WORDS = ["HELLO", "fmnist", "42", "CAT", "abc", "Zalando", "OK", "?", "A", "xy", "DOG", "777", "hi", "SALE", "%", "&"]
-LETTERS = list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-
-
-def text(n: int, rng) -> np.ndarray:
-    out = []
-    font = ImageFont.load_default(size=40)
-    for i in range(n):
-        word = WORDS[i] if i < len(WORDS) else "".join(rng.choice(LETTERS, rng.integers(1, 6)))
-        left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
-        w, h = right - left, bottom - top
-        side = int(max(w, h) * rng.uniform(1.1, 1.6)) + 2
-        img = Image.new("L", (side, side), 0)
-        ImageDraw.Draw(img).text(((side - w) / 2 - left, (side - h) / 2 - top), word,
-                                 fill=int(rng.integers(150, 256)), font=font)
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
-
-
-def shapes(n: int, rng) -> np.ndarray:
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(1, 4)):
-            x0, y0 = rng.integers(5, 60, 2)
-            x1, y1 = x0 + rng.integers(20, 50), y0 + rng.integers(20, 50)
-            fill, width = int(rng.integers(100, 256)), int(rng.integers(2, 10))
-            kind = rng.integers(0, 4)
-            if kind == 0:
-                draw.ellipse([x0, y0, x1, y1], outline=fill, width=width)
-            elif kind == 1:
-                draw.rectangle([x0, y0, x1, y1], outline=fill, width=width)
-            elif kind == 2:
-                draw.line([x0, y0, x1, y1], fill=fill, width=width)
-            else:
-                draw.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], outline=fill, width=width)
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
-
-
-def faces(n: int, rng) -> np.ndarray:
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        (cx, cy), r = rng.integers(45, 67, 2), int(rng.integers(30, 45))
-        width, fill = int(rng.integers(2, 7)), int(rng.integers(150, 256))
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
-        e = r // 3
-        for side in (-1, 1):
-            draw.ellipse([cx + side * e - 4, cy - e - 4, cx + side * e + 4, cy - e + 4], fill=fill)
-        draw.arc([cx - e - 5, cy, cx + e + 5, cy + e + 8], 20, 160, fill=fill, width=width)
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
 
 
 def scenes(n: int, rng) -> np.ndarray:
@@ -216,7 +136,7 @@ def blobs(n: int, rng) -> np.ndarray:
     return np.stack(out)
 
 
-HELD_OUT = ("glyphs", "filled", "blobs")
+HELD_OUT = ("digits", "scenes", "glyphs", "filled", "blobs")
 
 
 def build_sets(test_images: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
@@ -247,7 +167,7 @@ def method_scores(predictor, images: np.ndarray) -> dict[str, np.ndarray]:
     logits = logits / predictor.temperature
     scores = {"max softmax": -logits.softmax(1).amax(1).numpy(), "energy": -torch.logsumexp(logits, 1).numpy()}
     if predictor.detector is not None:
-        scores["fmnist (kNN)"] = predictor.detector.score(torch.as_tensor(images), features).numpy()
+        scores["fmnist"] = predictor.detector.score(features).numpy()
     return scores
 
 
@@ -262,14 +182,14 @@ def report(run: str, sets: dict[str, np.ndarray], val_images: np.ndarray, test_i
     print("| method | test passing | " + " | ".join(sets) + " |")
     print("|---|---:|" + "---:|" * len(sets))
     for method in val:
-        # The kNN score's own threshold is the run's (photo runs raise it so real photos pass);
+        # fmnist's score has its own threshold is the run's (photo runs raise it so real photos pass);
         # the others get the one that lets 95% of validation images pass.
-        stored = method == "fmnist (kNN)" and predictor.detector is not None
+        stored = method == "fmnist" and predictor.detector is not None
         threshold = predictor.detector.threshold if stored else np.quantile(val[method], 0.95)
         cells = [f"{auroc(test[method], outside[s][method]):.3f} / {np.mean(outside[s][method] > threshold):.0%}"
                  for s in sets]
         print(f"| {method} | {np.mean(test[method] <= threshold):.1%} | " + " | ".join(cells) + " |")
-    print("\ncells: AUROC against the test set / share flagged at the run's threshold (kNN) or at the "
+    print("\ncells: AUROC against the test set / share flagged at the run's threshold (fmnist) or at the "
           f"95%-of-validation threshold (the others); held out (never used to choose): {', '.join(HELD_OUT)}\n")
 
 

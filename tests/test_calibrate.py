@@ -17,10 +17,10 @@ from fmnist.inference.calibrate import (
     OodDetector,
     expected_calibration_error,
     fit_temperature,
-    kth_distance,
     logits_and_features,
     reliability,
 )
+from fmnist.inference.outliers import draw_outliers, framed
 from fmnist.inference.predictor import load_model
 from fmnist.run import RunDir
 from fmnist.training.loop import train
@@ -54,13 +54,48 @@ def test_fit_temperature_recovers_the_temperature_labels_were_drawn_with():
         assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
 
 
-def test_kth_distance_is_the_cosine_distance_to_the_kth_neighbour():
-    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
-    queries = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
-    first = kth_distance(queries, bank, 1)
-    assert first[0] == pytest.approx(0.0, abs=1e-6)
-    assert first[1] == pytest.approx(1.0, abs=1e-6)  # a zero image is like nothing
-    assert kth_distance(queries, bank, 3)[0] == pytest.approx(1.0, abs=1e-6)
+def test_detector_learns_what_is_not_clothing_and_keeps_the_pass_rate():
+    """Features of 'clothing' around one point, of what is not around another: the fitted
+    detector passes 95% of held-out clothing, flags the other side, and round-trips."""
+    g = torch.Generator().manual_seed(0)
+    inside = {"a": torch.randn(2000, 6, generator=g), "b": torch.randn(2000, 3, generator=g)}
+    outside = {"a": torch.randn(800, 6, generator=g) + 3, "b": torch.randn(800, 3, generator=g) - 3}
+    val = {"a": torch.randn(1000, 6, generator=g), "b": torch.randn(1000, 3, generator=g)}
+    detector = OodDetector.fit(inside, torch.ones(2000), outside, torch.ones(800), val)
+    assert detector.layers == ["a", "b"]
+    assert float((detector.score(val) <= detector.threshold).float().mean()) == pytest.approx(0.95, abs=0.002)
+    far = {"a": torch.randn(500, 6, generator=g) + 3, "b": torch.randn(500, 3, generator=g) - 3}
+    assert float((detector.score(far) > detector.threshold).float().mean()) > 0.99
+    # Held-out photos that score higher raise the threshold so that 95% of them pass.
+    photos = {"a": torch.randn(400, 6, generator=g) + 1, "b": torch.randn(400, 3, generator=g) - 1}
+    raised = OodDetector.fit(inside, torch.ones(2000), outside, torch.ones(800), val, photos)
+    assert float((raised.score(photos) <= raised.threshold).float().mean()) == pytest.approx(0.95, abs=0.003)
+    assert raised.threshold > detector.threshold
+    again = OodDetector.from_saved(detector.tensors(), detector.to_json(), "test")
+    torch.testing.assert_close(again.score(far), detector.score(far))
+
+
+def test_drawn_outliers_are_seeded_images_of_every_kind():
+    fashion = np.random.default_rng(0).integers(0, 256, (30, 28, 28)).astype(np.uint8)
+    sets = draw_outliers(fashion, per_kind=12, seed=3)
+    assert set(sets) == {"noise", "blank", "gradients", "text", "shapes", "faces", "textures", "inverted"}
+    for kind, images in sets.items():
+        assert images.dtype == np.uint8 and images.shape == (12, 28, 28), kind
+        assert images.max() > images.min() or kind == "blank", kind
+    np.testing.assert_array_equal(sets["text"], draw_outliers(fashion, per_kind=12, seed=3)["text"])
+    assert not np.array_equal(sets["text"], draw_outliers(fashion, per_kind=12, seed=4)["text"])
+    assert all(any(np.array_equal(255 - f, image) for f in fashion) for image in sets["inverted"])
+
+
+def test_framed_fits_what_is_drawn_to_the_frame_as_the_preparation_does():
+    image = np.zeros((28, 28), np.uint8)
+    image[10:14, 5:13] = 200  # a small bar, 8 wide and 4 high
+    (out,) = framed(image[None])
+    rows, cols = np.flatnonzero(out.max(1) > 12), np.flatnonzero(out.max(0) > 12)
+    assert cols[-1] - cols[0] + 1 == 28 and 12 <= rows[-1] - rows[0] + 1 <= 16
+    assert abs((rows[0] + rows[-1]) / 2 - 13.5) <= 1  # centred
+    blank = np.zeros((1, 28, 28), np.uint8)
+    np.testing.assert_array_equal(framed(blank), blank)
 
 
 # ----------------------------------------------------------------------------- a calibrated run
@@ -140,7 +175,9 @@ def test_calibrate_refuses_a_run_without_validation_split(shared_synthetic_dir, 
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["calibration"].update(temperature=-1), "temperature"),
     (lambda m: m["calibration"].update(temperature="hot"), "temperature"),
-    (lambda m: m["calibration"]["ood"].update(detectors=[]), "out-of-distribution"),
+    (lambda m: m["calibration"]["ood"].update(layers=[]), "out-of-distribution"),
+    (lambda m: m["calibration"]["ood"].update(scale=0), "out-of-distribution"),
+    (lambda m: m["calibration"]["ood"].update(method="knn"), "fmnist calibrate --model"),
 ])
 def test_malformed_calibration_is_one_clear_error(calibrated_run, tmp_path, change, message):
     import shutil
@@ -202,8 +239,7 @@ def test_detector_round_trips_through_its_saved_form(calibrated_run, shared_synt
     again = OodDetector.from_saved(d.tensors(), d.to_json(), "test")
     images, _ = load_split("test", shared_synthetic_dir)
     _, features = logits_and_features(predictor.model, to_tensor(images, predictor.mean, predictor.std))
-    raw = torch.as_tensor(images)
-    torch.testing.assert_close(again.score(raw, features), d.score(raw, features), atol=2e-3, rtol=0)
+    torch.testing.assert_close(again.score(features), d.score(features))
 
 
 def test_features_ignore_passes_of_the_network_made_by_another_thread():
@@ -233,7 +269,7 @@ def test_features_ignore_passes_of_the_network_made_by_another_thread():
             return out
 
     _, interleaved = logits_and_features(Interleaved(), images, tta=True)
-    assert alone.keys() == interleaved.keys() == {"first_conv", "last_conv"}
+    assert alone.keys() == interleaved.keys() == {"first_conv", "last_conv", "penultimate"}
     for name, features in alone.items():
         torch.testing.assert_close(interleaved[name], features)
 

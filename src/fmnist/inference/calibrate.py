@@ -7,28 +7,28 @@ Two things are fitted after training, on data the weights never saw:
 - a **temperature** T (Guo et al., 2017): probabilities are softmax(logits / T), with T the one
   that minimises the negative log-likelihood of the validation split. It changes no prediction,
   only how sure each one says it is;
-- an **out-of-distribution score**: how far an image is from the training images, in three
-  spaces at once, by the distance (cosine, to the k-th closest) to a bank of training images.
-  In pixel space it catches pictures whose shapes no garment has (text, line drawings, faces);
-  in the pooled activations of the first convolution, strokes, edges and textures no garment
-  has (digits, noise, blank canvases, scenes, dark-on-light pictures); in those of the last
-  convolution, what the network makes of them. Each distance is put on the scale of the
-  validation split's (0 at its median, 1 at its 95th percentile) and the score is the largest of
-  the three; the threshold is the score 95% of validation images stay under, so 95% of
-  Fashion-MNIST passes by construction. The maximum softmax probability and the energy score,
-  measured side by side in bench/ood.py, miss most of these inputs (see docs/calibration.md).
+- an **out-of-distribution score**: how unlike clothing the network's view of an image is. A
+  small network (one hidden layer of 64) reads three of the model's layers (the first and the
+  last convolution's activations pooled over the image, and the features the classes are read
+  from) and is fitted to tell 10,000 training images (and a photo run's real photos) from images
+  that are not clothing, drawn from a seed by `fmnist.inference.outliers`. Its logit is put on
+  the validation split's scale (0 at its median, 1 at its 95th percentile); the threshold is the
+  score 95% of validation images stay under, so 95% of Fashion-MNIST passes by construction (a
+  photo run raises it so 95% of its held-out training photos pass too). bench/ood.py measures
+  it on drawn kinds it never saw, beside the maximum softmax probability and the energy score,
+  which miss most of them (see docs/calibration.md).
 
-The temperature and the threshold live in model.json ("calibration"); the two banks of training
-examples in ood.safetensors beside it.
+The temperature and the threshold live in model.json ("calibration"); the detector's weights in
+ood.safetensors beside it.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -39,18 +39,17 @@ from torch import nn
 from fmnist import FmnistError
 from fmnist.config import TrainConfig
 from fmnist.data import Split, load_splits, to_tensor
+from fmnist.data.augment import random_photo
 from fmnist.data.photos import find_photos_dir
-from fmnist.device import autocast_dtype
+from fmnist.inference.outliers import draw_outliers
 from fmnist.inference.photo_sets import load_photo_set
 from fmnist.io import atomic_open
 from fmnist.run import ModelMeta, RunDir, load_network
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 PASS_RATE = 0.95  # share of validation images under the out-of-distribution threshold
-BANK_SIZE = 10_000  # training images kept as neighbours (7.8 MB of pixels)
-K_PIXELS = 5  # the k-th nearest training image in pixel space
-K_FEATURES = 20  # the k-th nearest in the last convolution's pooled activations
-PHOTO_BANK = 0.8  # of a run's training photos in the bank; the rest set the threshold for photos
+BANK_SIZE = 10_000  # training images the detector learns clothing from
+PHOTO_BANK = 0.8  # of a run's training photos it learns from; the rest set the threshold for photos
 
 
 # ----------------------------------------------------------------------------- calibration error
@@ -112,20 +111,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- network probe
 
 
-def probed_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """The first and the last convolution of a network (one entry for a single convolution)."""
+def probed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The first and the last convolution of a network (one entry for a single convolution)
+    and its last linear layer, whose input is what the classes are read from."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise FmnistError(f"{type(model).__name__} has no convolution to take features from")
-    return {"first_conv": convs[0]} | ({"last_conv": convs[-1]} if len(convs) > 1 else {})
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return ({"first_conv": convs[0]} | ({"last_conv": convs[-1]} if len(convs) > 1 else {})
+            | ({"penultimate": linears[-1]} if linears else {}))
 
 
 @torch.inference_mode()
 def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = False,
                         batch_size: int = 500) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits (N, classes) of normalised images and the activations of the first and the last
-    convolution pooled over the image, mean of the rectified ones and maximum per channel
-    ({layer: (N, 2 x channels)}); with `tta`, all averaged over each image and its mirror
+    """Logits (N, classes) of normalised images and features of three layers: the activations
+    of the first and the last convolution pooled over the image, mean of the rectified ones and
+    maximum per channel ({layer: (N, 2 x channels)}), and the input of the last linear layer
+    ("penultimate": (N, its inputs)); with `tta`, all averaged over each image and its mirror
     image, as predictions are."""
     layers, pooled = probed_layers(model), {}
     # The service runs explanations through the same network in another thread: only this
@@ -136,8 +139,12 @@ def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = Fals
         def keep(module, inputs, output):
             if threading.get_ident() != caller:
                 return
-            output = output.float()
-            pooled.setdefault(name, []).append(torch.cat([output.relu().mean((2, 3)), output.amax((2, 3))], 1))
+            if isinstance(module, nn.Linear):
+                kept = inputs[0].float().flatten(1)
+            else:
+                output = output.float()
+                kept = torch.cat([output.relu().mean((2, 3)), output.amax((2, 3))], 1)
+            pooled.setdefault(name, []).append(kept)
         return keep
 
     model.eval()
@@ -162,103 +169,110 @@ def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = Fals
 
 # ----------------------------------------------------------------------------- out of distribution
 
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float().flatten(1), dim=1, eps=1e-6)
-
-
-def kth_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
-    """1 - the cosine similarity of each query to its k-th most similar bank row (unit rows,
-    in the bank's dtype)."""
-    out = []
-    for start in range(0, len(queries), chunk):
-        sims = (_unit(queries[start : start + chunk]).to(bank.dtype) @ bank.T).float()
-        out.append(1 - sims.topk(k, dim=1).values[:, -1])
-    return torch.cat(out) if out else queries.new_zeros(0)
+HIDDEN = 64  # units of the detector's hidden layer
+FIT_STEPS = 600  # full-batch Adam steps
+FIT_LR = 1e-2
+WEIGHT_DECAY = 1e-2
+OUTLIERS_PER_KIND = 1000  # drawn images of each kind that is not clothing (fewer for a tiny bank)
+PHOTO_LIKE = 0.3  # weight of the training images made photo-like (a run without photos), beside theirs (1)
+OUTLIER_SEED = 1_000_003  # not the seed bench/ood.py draws its sets with
+METHOD = "features-mlp"  # model.json's name for this detector; runs calibrated before it are refitted
 
 
-# The pixel bank's similarities are four times faster in bf16 where the CPU computes it natively
-# (they differ from fp32 by about 0.001, a hundredth of the score's scale); the activations'
-# banks are small and their distances finer, so they stay in fp32.
-PIXEL_DTYPE = autocast_dtype("auto", torch.device("cpu")) or torch.float32
+def _stacked(features: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
+    return torch.cat([features[name].float() for name in layers], 1)
 
 
-@dataclass
-class Detector:
-    """One nearest-neighbour distance, on the validation split's scale."""
-
-    name: str  # "pixels", "first_conv" or "last_conv"
-    k: int
-    median: float = 0.0  # of the validation split's distances
-    scale: float = 1.0  # their 95th percentile minus their median
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "k": self.k, "median": self.median, "scale": self.scale}
+def _network(inputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
 
 
 class OodDetector:
-    """Scores images by their distance to the training set; see the module's description."""
+    """Scores images by how unlike clothing the network's features of them are: a small
+    network (one hidden layer) fitted to tell the features of training images from those of
+    images that are not clothing, its logit put on the validation split's scale (0 at its
+    median, 1 at its 95th percentile). See the module's description."""
 
-    def __init__(self, banks: dict[str, torch.Tensor], detectors: list[Detector], threshold: float):
-        self.banks = banks  # "pixels": uint8 (bank, 28, 28); a layer's name: its pooled activations
-        self.units = {name: _unit(bank).to(PIXEL_DTYPE if name == "pixels" else torch.float32)
-                      for name, bank in banks.items()}
-        self.detectors = {d.name: d for d in detectors}
-        self.threshold = threshold
+    def __init__(self, layers: list[str], mean: torch.Tensor, std: torch.Tensor, net: nn.Sequential,
+                 median: float = 0.0, scale: float = 1.0, threshold: float = 0.0):
+        self.layers = layers  # the features it reads, in order ("first_conv", "last_conv", "penultimate")
+        self.mean, self.std = mean, std  # of the features it was fitted on
+        self.net = net.eval()
+        self.median, self.scale, self.threshold = median, scale, threshold
 
-    def distances(self, raw: torch.Tensor, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each detector's distance for uint8 images (N, 28, 28) and their pooled activations."""
-        inputs = features | {"pixels": raw}
-        return {name: kth_distance(inputs[name], self.units[name], d.k) for name, d in self.detectors.items()}
+    @torch.inference_mode()
+    def logit(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fitted network's logit of "not clothing" (N,)."""
+        return self.net((_stacked(features, self.layers) - self.mean) / self.std).squeeze(1)
 
-    def score(self, raw: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The out-of-distribution score (N,): higher is less like Fashion-MNIST; above
-        `threshold` an image is flagged."""
-        d = self.distances(raw, features)
-        return torch.stack([(d[name] - det.median) / det.scale for name, det in self.detectors.items()]).amax(0)
+    def score(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The out-of-distribution score (N,) of images' features: higher is less like the
+        training images; above `threshold` an image is flagged."""
+        return (self.logit(features) - self.median) / self.scale
 
     @classmethod
-    def fit(cls, bank_raw: torch.Tensor, bank_features: dict[str, torch.Tensor], val_raw: torch.Tensor,
-            val_features: dict[str, torch.Tensor], photos_raw: torch.Tensor | None = None,
-            photos_features: dict[str, torch.Tensor] | None = None) -> OodDetector:
-        """Distances put on the validation split's scale; the threshold the one PASS_RATE of the
-        validation images stay under, raised, with held-out real photos, to the one PASS_RATE
-        of those stay under."""
-        n = len(bank_raw)
-        detectors = [Detector("pixels", min(K_PIXELS, n))] + [Detector(name, min(K_FEATURES, n)) for name in bank_features]
-        detector = cls(bank_features | {"pixels": bank_raw}, detectors, threshold=0.0)
-        for name, d in detector.distances(val_raw, val_features).items():
-            median = d.median().item()
-            detector.detectors[name].median = median
-            detector.detectors[name].scale = max(d.quantile(PASS_RATE).item() - median, 1e-6)
-        detector.threshold = detector.score(val_raw, val_features).quantile(PASS_RATE).item()
-        if photos_raw is not None and len(photos_raw):
-            photos_pass = detector.score(photos_raw, photos_features).quantile(PASS_RATE).item()
-            detector.threshold = max(detector.threshold, photos_pass)
+    def fit(cls, inside: dict[str, torch.Tensor], inside_weight: torch.Tensor, outside: dict[str, torch.Tensor],
+            outside_weight: torch.Tensor, val: dict[str, torch.Tensor],
+            photos: dict[str, torch.Tensor] | None = None) -> OodDetector:
+        """Fitted to tell `inside` (features of training images) from `outside` (of images that
+        are not clothing), each example weighted; the threshold the one PASS_RATE of the
+        validation images stay under, raised, with held-out real photos, to the one PASS_RATE of
+        those stay under."""
+        layers = list(inside)
+        x_in, x_out = _stacked(inside, layers), _stacked(outside, layers)
+        x = torch.cat([x_in, x_out]).clone()  # not inference tensors: they are fitted on
+        y = torch.cat([torch.zeros(len(x_in)), torch.ones(len(x_out))])
+        weight = torch.cat([inside_weight, outside_weight]).float()
+        weight = weight / weight.mean()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
+        x = (x - mean) / std
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = _network(x.shape[1])
+        optimizer = torch.optim.Adam(net.parameters(), lr=FIT_LR, weight_decay=WEIGHT_DECAY)
+        with torch.enable_grad():
+            for _ in range(FIT_STEPS):
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.binary_cross_entropy_with_logits(net(x).squeeze(1), y, weight=weight)
+                loss.backward()
+                optimizer.step()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        detector = cls(layers, mean, std, net)
+        val_logit = detector.logit(val)
+        detector.median = val_logit.median().item()
+        detector.scale = max(val_logit.quantile(PASS_RATE).item() - detector.median, 1e-6)
+        detector.threshold = detector.score(val).quantile(PASS_RATE).item()
+        if photos is not None and len(next(iter(photos.values()))):
+            detector.threshold = max(detector.threshold, detector.score(photos).quantile(PASS_RATE).item())
         return detector
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": "knn", "threshold": self.threshold, "pass_rate": PASS_RATE,
-                "detectors": [d.to_json() for d in self.detectors.values()]}
+        return {"method": METHOD, "layers": self.layers, "median": self.median, "scale": self.scale,
+                "threshold": self.threshold, "pass_rate": PASS_RATE}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: (bank if name == "pixels" else bank.half()).contiguous() for name, bank in self.banks.items()}
+        return {"mean": self.mean, "std": self.std} | {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
 
     @classmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], obj: Any, where: str) -> OodDetector:
         try:
-            detectors = [Detector(d["name"], int(d["k"]), float(d["median"]), float(d["scale"]))
-                         for d in obj["detectors"]]
-            threshold = float(obj["threshold"])
-            banks = {d.name: tensors[d.name] if d.name == "pixels" else tensors[d.name].float() for d in detectors}
-        except (KeyError, TypeError, ValueError) as e:
+            if obj["method"] != METHOD:
+                raise ValueError(f"method {obj['method']!r}, not {METHOD!r}")
+            layers = [str(name) for name in obj["layers"]]
+            median, scale, threshold = (float(obj[k]) for k in ("median", "scale", "threshold"))
+            mean, std = tensors["mean"].float(), tensors["std"].float()
+            net = _network(len(mean))
+            net.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("net.")})
+            if not layers or std.shape != mean.shape or not bool((std > 0).all()) or not scale > 0 \
+                    or not all(map(math.isfinite, (median, scale, threshold))):
+                raise ValueError("values out of range")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise FmnistError(f"{where}: malformed out-of-distribution calibration ({e})") from None
-        pixels = banks.get("pixels")
-        if pixels is None or pixels.dtype != torch.uint8 or pixels.shape[1:] != (28, 28) \
-                or not all(len(bank) == len(pixels) and bank.ndim in (2, 3) for bank in banks.values()) \
-                or not all(0 < d.k <= len(pixels) and d.scale > 0 for d in detectors):
-            raise FmnistError(f"{where}: malformed out-of-distribution calibration")
-        return cls(banks, detectors, threshold)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return cls(layers, mean, std, net, median, scale, threshold)
+
 
 
 # ----------------------------------------------------------------------------- a run
@@ -268,31 +282,54 @@ def bank_indices(n: int, size: int = BANK_SIZE, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
 
 
+def _spread(n: int, total: float) -> torch.Tensor:
+    return torch.full((n,), total / max(n, 1))
+
+
 def calibrate(model: nn.Module, meta: ModelMeta, train: Split, val: Split,
               photos: torch.Tensor | None = None) -> tuple[dict[str, Any], OodDetector]:
     """Fit the temperature and the out-of-distribution detector of a trained model; the
-    "calibration" entry of its model.json and the detector (whose banks go in ood.safetensors).
+    "calibration" entry of its model.json and the detector (whose weights go in ood.safetensors).
+
+    The detector learns clothing from BANK_SIZE training images and from photos, and what is
+    not clothing from drawn images (`fmnist.inference.outliers`: noise, canvases, text,
+    outlines, line drawings, textures, dark-on-light pictures), each side weighing the same.
     `photos`, uint8 (P, 28, 28): prepared real photos the model trained on; PHOTO_BANK of them
-    join the bank, so photos like them pass, and the rest set the threshold with the validation
-    split."""
+    join the clothing side, weighing as much as the training images, and the rest set the
+    threshold with the validation split. A run without photos has the training images made
+    photo-like by `random_photo` in their place, weighing PHOTO_LIKE."""
     if len(val) == 0:
         raise FmnistError("calibration needs a validation split (--val-size > 0)")
     val_logits, val_features = logits_and_features(model, val.images, meta.tta)
     temperature = fit_temperature(val_logits, val.labels)
+    norm, device = meta.normalization, train.images.device
     bank = bank_indices(len(train))
-    bank_raw, bank_images = train.raw[bank], train.images[bank.to(train.images.device)]
-    held_raw = held_features = None
+    inside = [train.images[bank.to(device)]]
+    inside_weight = [_spread(len(bank), 1.0)]
+    held_features = None
     if photos is not None and len(photos):
         order = bank_indices(len(photos), len(photos), seed=1)
         cut = round(len(photos) * PHOTO_BANK)
-        norm = meta.normalization
-        photo_images = to_tensor(photos, norm.mean, norm.std, device=bank_images.device)
-        bank_raw = torch.cat([bank_raw, photos[order[:cut]]])
-        bank_images = torch.cat([bank_images, photo_images[order[:cut].to(bank_images.device)]])
-        held_raw = photos[order[cut:]]
-        _, held_features = logits_and_features(model, photo_images[order[cut:].to(bank_images.device)], meta.tta)
-    _, bank_features = logits_and_features(model, bank_images, meta.tta)
-    detector = OodDetector.fit(bank_raw, bank_features, val.raw, val_features, held_raw, held_features)
+        photo_images = to_tensor(photos, norm.mean, norm.std, device=device)
+        inside.append(photo_images[order[:cut].to(device)])
+        inside_weight.append(_spread(cut, 1.0))
+        _, held_features = logits_and_features(model, photo_images[order[cut:].to(device)], meta.tta)
+    else:
+        # No real photos: the training images as the preparation makes photos of them look
+        # (turned, stretched, cropped again, their intensities bent, blurred) stand in for them.
+        generator = torch.Generator(device).manual_seed(OUTLIER_SEED)
+        inside.append(random_photo(inside[0], generator, 1.0, norm.black, norm.std))
+        inside_weight.append(_spread(len(bank), PHOTO_LIKE))
+    _, inside_features = logits_and_features(model, torch.cat(inside), meta.tta)
+    per_kind = min(OUTLIERS_PER_KIND, max(50, len(bank) // 10))
+    outliers = draw_outliers(train.raw[bank].numpy(), per_kind, OUTLIER_SEED)
+    _, outside_features = logits_and_features(
+        model, to_tensor(np.concatenate(list(outliers.values())), norm.mean, norm.std, device=device), meta.tta)
+    inside_weight = torch.cat(inside_weight)
+    kind_weight = inside_weight.sum().item() / len(outliers)  # the two sides weigh the same
+    outside_weight = torch.cat([_spread(len(images), kind_weight) for images in outliers.values()])
+    detector = OodDetector.fit(inside_features, inside_weight, outside_features, outside_weight,
+                               val_features, held_features)
     figures = calibration_figures(val_logits, val.labels, temperature)
     entry = {"temperature": temperature, "ood": detector.to_json(),
              "validation": {k: v for k, v in figures.items() if k != "temperature"}}
@@ -311,6 +348,10 @@ def load_detector(run: RunDir, meta: ModelMeta) -> OodDetector | None:
     """The out-of-distribution detector of a calibrated run; None for a run not calibrated."""
     if "ood" not in meta.calibration:
         return None
+    method = meta.calibration["ood"].get("method") if isinstance(meta.calibration["ood"], dict) else None
+    if method != METHOD:
+        raise FmnistError(f"{run}: its out-of-distribution calibration is an older kind ({method!r}); "
+                          f"recalibrate with: fmnist calibrate --model {run}")
     try:
         tensors = safetensors_load(run.ood_path.read_bytes())
     except FileNotFoundError:

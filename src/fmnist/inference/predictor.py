@@ -71,7 +71,7 @@ class Predictor:
             return self.probabilities(images), None
         x = to_tensor(images, self.mean, self.std)
         logits, features = logits_and_features(self.model, x, self.meta.tta)
-        scores = self.detector.score(torch.as_tensor(np.asarray(images)), features)
+        scores = self.detector.score(features)
         return (logits / self.temperature).softmax(1).numpy(), scores.numpy()
 
     def describe(self, probabilities: np.ndarray, scores: np.ndarray | None, top_k: int = 3) -> list[dict[str, Any]]:
