@@ -372,11 +372,11 @@ def build_parser() -> Parser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("calibrate", help="fit a run's temperature and out-of-distribution threshold",
+    p = sub.add_parser("calibrate", help="fit a run's temperature and out-of-distribution detector",
                        description="Fit, on the run's validation split, the temperature that makes its "
-                       "probabilities honest and the out-of-distribution score's threshold (95% of "
+                       "probabilities honest and the out-of-distribution detector with its threshold (95% of "
                        "validation images pass), and write them into its model.json and ood.safetensors. "
-                       "Training does this itself; this is for runs trained before it did.")
+                       "Training does this itself; this is for runs trained or calibrated by an older fmnist.")
     add_model_arg(p, positional_too=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--data-dir", help=data_dir_help)

@@ -50,6 +50,7 @@ ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 PASS_RATE = 0.95  # share of validation images under the out-of-distribution threshold
 BANK_SIZE = 10_000  # training images the detector learns clothing from
 PHOTO_BANK = 0.8  # of a run's training photos it learns from; the rest set the threshold for photos
+PHOTO_PASS_RATE = 0.96  # of those held-out photos under the threshold (unseen photos pass less often)
 
 
 # ----------------------------------------------------------------------------- calibration error
@@ -244,7 +245,7 @@ class OodDetector:
         detector.scale = max(val_logit.quantile(PASS_RATE).item() - detector.median, 1e-6)
         detector.threshold = detector.score(val).quantile(PASS_RATE).item()
         if photos is not None and len(next(iter(photos.values()))):
-            detector.threshold = max(detector.threshold, detector.score(photos).quantile(PASS_RATE).item())
+            detector.threshold = max(detector.threshold, detector.score(photos).quantile(PHOTO_PASS_RATE).item())
         return detector
 
     def to_json(self) -> dict[str, Any]:
@@ -331,7 +332,8 @@ def calibrate(model: nn.Module, meta: ModelMeta, train: Split, val: Split,
     detector = OodDetector.fit(inside_features, inside_weight, outside_features, outside_weight,
                                val_features, held_features)
     figures = calibration_figures(val_logits, val.labels, temperature)
-    entry = {"temperature": temperature, "ood": detector.to_json(),
+    ood = detector.to_json() | ({"photo_pass_rate": PHOTO_PASS_RATE} if held_features is not None else {})
+    entry = {"temperature": temperature, "ood": ood,
              "validation": {k: v for k, v in figures.items() if k != "temperature"}}
     return entry, detector
 
@@ -371,7 +373,7 @@ def calibrate_run(run_dir, data_dir=None, device="cpu") -> dict[str, Any]:
                           "calibration needs images the model did not train on")
     splits = load_splits(val_size, meta.normalization, data_dir, device)
     photos = None
-    if meta.config.get("photo_share"):  # a run trained on photos: they join its bank again
+    if meta.config.get("photo_share"):  # a run trained on photos: they join the fit again
         photos = torch.as_tensor(load_photo_set(find_photos_dir(meta.config.get("photos"))).images)
     entry, detector = calibrate(model, meta, splits["train"], splits["val"], photos)
     save_calibration(run, meta, entry, detector)
@@ -385,4 +387,5 @@ def format_calibration(entry: dict[str, Any]) -> str:
     return (f"temperature {entry['temperature']:.3f} "
             f"(validation ECE {figures['ece']:.2%} -> {figures['ece_calibrated']:.2%}, "
             f"NLL {figures['nll']:.4f} -> {figures['nll_calibrated']:.4f}); "
-            f"out-of-distribution threshold {ood['threshold']:.3f} ({ood['pass_rate']:.0%} of validation images pass)")
+            f"out-of-distribution threshold {ood['threshold']:.3f} ({ood['pass_rate']:.0%} of validation images pass"
+            + (f", at least {ood['photo_pass_rate']:.0%} of held-out training photos)" if "photo_pass_rate" in ood else ")"))
