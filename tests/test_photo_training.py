@@ -92,7 +92,9 @@ def test_a_folder_of_real_photos_through_the_cli(tiny_run, capsys):
     code = main(["predict", "--model", str(tiny_run), *map(str, LABELLED + [BLANK]), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    entries = json.loads(out)["predictions"]
+    answer = json.loads(out)
+    entries = answer["predictions"]
+    assert answer["trained_on_photos"] is False  # tiny_run trained on the images alone
     assert [e["file"] for e in entries] == [str(p) for p in LABELLED + [BLANK]]
     assert all(len(e["top"]) == 3 and isinstance(e["in_distribution"], bool) for e in entries[:-1])
     assert "no object found" in entries[-1]["error"]

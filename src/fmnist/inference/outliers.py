@@ -83,7 +83,7 @@ def text(n: int, rng) -> np.ndarray:
 
 
 def shapes(n: int, rng) -> np.ndarray:
-    """Outlines of one to three rectangles, ellipses, triangles and lines."""
+    """One to three rectangles, ellipses, triangles and lines, each drawn as an outline or solid."""
     out = []
     for _ in range(n):
         img = Image.new("L", (112, 112), 0)
@@ -92,15 +92,33 @@ def shapes(n: int, rng) -> np.ndarray:
             x0, y0 = rng.integers(5, 60, 2)
             x1, y1 = x0 + rng.integers(20, 50), y0 + rng.integers(20, 50)
             fill, width = int(rng.integers(100, 256)), int(rng.integers(2, 10))
-            kind = rng.integers(0, 4)
+            kind, solid = rng.integers(0, 4), rng.random() < 0.5
+            paint = {"fill": fill} if solid else {"outline": fill, "width": width}
             if kind == 0:
-                draw.ellipse([x0, y0, x1, y1], outline=fill, width=width)
+                draw.ellipse([x0, y0, x1, y1], **paint)
             elif kind == 1:
-                draw.rectangle([x0, y0, x1, y1], outline=fill, width=width)
+                draw.rectangle([x0, y0, x1, y1], **paint)
             elif kind == 2:
-                draw.line([x0, y0, x1, y1], fill=fill, width=width)
+                draw.line([x0, y0, x1, y1], fill=fill, width=width * (3 if solid else 1))
             else:
-                draw.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], outline=fill, width=width)
+                draw.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], **paint)
+        out.append(resize(np.asarray(img)))
+    return np.stack(out)
+
+
+def silhouettes(n: int, rng) -> np.ndarray:
+    """One or two solid polygons of 3 to 10 corners at random angles and distances from a
+    centre: shapes with a garment's solidity but none of its outlines."""
+    out = []
+    for _ in range(n):
+        img = Image.new("L", (112, 112), 0)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(1, 3)):
+            corners = rng.integers(3, 11)
+            (cx, cy), size = rng.integers(30, 82, 2), rng.integers(15, 50)
+            angles, radii = np.sort(rng.uniform(0, 2 * np.pi, corners)), size * rng.uniform(0.3, 1, corners)
+            draw.polygon([(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles, strict=True)],
+                         fill=int(rng.integers(90, 256)))
         out.append(resize(np.asarray(img)))
     return np.stack(out)
 
@@ -170,7 +188,7 @@ def framed(images: np.ndarray) -> np.ndarray:
 
 DRAWN: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
     "noise": noise, "blank": blank, "gradients": gradients, "text": text, "shapes": shapes,
-    "faces": faces, "textures": textures,
+    "faces": faces, "textures": textures, "silhouettes": silhouettes,
 }
 UNFRAMED = ("noise", "blank", "gradients")  # nothing to crop to
 

@@ -138,7 +138,8 @@ def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
         else:
             entries += [next(answers) for _ in got]
     threshold = predictor.detector.threshold if predictor.detector is not None else None
-    return {"model": str(run_dir), "ood_threshold": threshold, "predictions": entries}
+    return {"model": str(run_dir), "trained_on_photos": bool(predictor.meta.config.get("photo_share")),
+            "ood_threshold": threshold, "predictions": entries}
 
 
 def format_predictions(result: dict[str, Any]) -> str:
@@ -157,6 +158,9 @@ def format_predictions(result: dict[str, Any]) -> str:
         if entry.get("in_distribution") is False:
             lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}, "
                          f"flagged above {threshold:.2f}); the classes below are the model's guess all the same")
+            if result.get("trained_on_photos") is False:
+                lines.append("  (a model trained on Fashion-MNIST alone flags most real photos: for photos use a "
+                             "photo run, `fmnist train --preset photo`; see docs/photos.md)")
         elif entry.get("ood_score") is not None:
             lines.append(f"  looks like clothing (out-of-distribution score {entry['ood_score']:.2f}, flagged above "
                          f"{threshold:.2f}); a confident answer can still be wrong")
