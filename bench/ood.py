@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fmnist.data import load_split, to_tensor
 from fmnist.inference.calibrate import logits_and_features
-from fmnist.inference.outliers import blank, faces, noise, resize, shapes, text
+from fmnist.inference.outliers import blank, faces, noise, resize, shapes, sketched, text
 from fmnist.inference.predictor import load_model
 
 
@@ -100,29 +100,27 @@ def glyphs(n: int, rng) -> np.ndarray:
     return np.stack(out)
 
 
+def _filled_shape(draw: ImageDraw.ImageDraw, rng) -> None:
+    for _ in range(rng.integers(1, 4)):
+        cx, cy, r = *rng.integers(25, 87, 2), int(rng.integers(12, 45))
+        fill, kind = int(rng.integers(90, 256)), rng.integers(0, 5)
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r * rng.uniform(0.4, 1), cx + r, cy + r], fill=fill)
+        elif kind == 1:
+            draw.rectangle([cx - r, cy - r // 2, cx + r // 2, cy + r], fill=fill)
+        elif kind == 2:
+            draw.polygon([(cx - r, cy + r), (cx, cy - r), (cx + r, cy + r)], fill=fill)
+        elif kind == 3:
+            angles = np.linspace(0, 2 * np.pi, 11)[:-1] + rng.uniform(0, np.pi)
+            radii = np.where(np.arange(10) % 2 == 0, r, r / 2.5)
+            draw.polygon([(cx + a * np.cos(t), cy + a * np.sin(t)) for a, t in zip(radii, angles, strict=True)], fill=fill)
+        else:
+            draw.line([cx - r, cy - r, cx + r, cy + r], fill=fill, width=int(rng.integers(8, 20)))
+
+
 def filled_shapes(n: int, rng) -> np.ndarray:
     """One to three filled discs, boxes, triangles, stars or thick lines per image."""
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(1, 4)):
-            cx, cy, r = *rng.integers(25, 87, 2), int(rng.integers(12, 45))
-            fill, kind = int(rng.integers(90, 256)), rng.integers(0, 5)
-            if kind == 0:
-                draw.ellipse([cx - r, cy - r * rng.uniform(0.4, 1), cx + r, cy + r], fill=fill)
-            elif kind == 1:
-                draw.rectangle([cx - r, cy - r // 2, cx + r // 2, cy + r], fill=fill)
-            elif kind == 2:
-                draw.polygon([(cx - r, cy + r), (cx, cy - r), (cx + r, cy + r)], fill=fill)
-            elif kind == 3:
-                angles = np.linspace(0, 2 * np.pi, 11)[:-1] + rng.uniform(0, np.pi)
-                radii = np.where(np.arange(10) % 2 == 0, r, r / 2.5)
-                draw.polygon([(cx + a * np.cos(t), cy + a * np.sin(t)) for a, t in zip(radii, angles, strict=True)], fill=fill)
-            else:
-                draw.line([cx - r, cy - r, cx + r, cy + r], fill=fill, width=int(rng.integers(8, 20)))
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
+    return sketched(n, rng, _filled_shape)
 
 
 def blobs(n: int, rng) -> np.ndarray:
@@ -156,50 +154,48 @@ ICONS = {  # outlines on a unit square around 0: filled, they make the symbol
 }
 
 
+ICON_KINDS = [*ICONS, "heart", "ring", "crescent"]
+
+
+def _icon(draw: ImageDraw.ImageDraw, rng) -> None:
+    kind, fill = ICON_KINDS[rng.integers(len(ICON_KINDS))], int(rng.integers(120, 256))
+    centre, scale = rng.uniform(40, 72, 2), rng.uniform(22, 40)
+    if kind in ICONS:
+        draw.polygon(_turned(ICONS[kind], rng.uniform(0, 2 * np.pi), scale, centre), fill=fill)
+    elif kind == "heart":
+        t = np.linspace(0, 2 * np.pi, 60)
+        points = np.stack([16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], 1) / 17
+        draw.polygon(_turned(points, rng.uniform(-0.5, 0.5), scale, centre), fill=fill)
+    else:
+        (x, y), r = centre, scale
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        if kind == "ring":
+            inner = r * rng.uniform(0.4, 0.75)
+            draw.ellipse([x - inner, y - inner, x + inner, y + inner], fill=0)
+        else:
+            dx, dy = np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)]) * r * rng.uniform(0.3, 0.6)
+            draw.ellipse([x + dx - r, y + dy - r, x + dx + r, y + dy + r], fill=0)
+
+
 def icons(n: int, rng) -> np.ndarray:
     """One filled symbol per image, turned and sized at random: arrows, crosses, houses,
     lightning bolts, drops, hearts, rings and crescents."""
-    kinds = [*ICONS, "heart", "ring", "crescent"]
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        kind, fill = kinds[rng.integers(len(kinds))], int(rng.integers(120, 256))
-        centre, scale = rng.uniform(40, 72, 2), rng.uniform(22, 40)
-        if kind in ICONS:
-            draw.polygon(_turned(ICONS[kind], rng.uniform(0, 2 * np.pi), scale, centre), fill=fill)
-        elif kind == "heart":
-            t = np.linspace(0, 2 * np.pi, 60)
-            points = np.stack([16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], 1) / 17
-            draw.polygon(_turned(points, rng.uniform(-0.5, 0.5), scale, centre), fill=fill)
-        else:
-            (x, y), r = centre, scale
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-            if kind == "ring":
-                inner = r * rng.uniform(0.4, 0.75)
-                draw.ellipse([x - inner, y - inner, x + inner, y + inner], fill=0)
-            else:
-                dx, dy = np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)]) * r * rng.uniform(0.3, 0.6)
-                draw.ellipse([x + dx - r, y + dy - r, x + dx + r, y + dy + r], fill=0)
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
+    return sketched(n, rng, _icon)
+
+
+def _scribble(draw: ImageDraw.ImageDraw, rng) -> None:
+    for _ in range(rng.integers(1, 4)):
+        heading = rng.uniform(0, 2 * np.pi)
+        turns = np.cumsum(rng.normal(0, 0.35, 40))  # the heading drifts: a curve, not a zigzag
+        steps = np.stack([np.cos(heading + turns), np.sin(heading + turns)], 1) * rng.uniform(2, 4)
+        points = np.clip(rng.uniform(20, 92, 2) + np.cumsum(steps, 0), 4, 108)
+        draw.line([tuple(p) for p in points], fill=int(rng.integers(120, 256)),
+                  width=int(rng.integers(2, 9)), joint="curve")
 
 
 def scribbles(n: int, rng) -> np.ndarray:
     """One to three smooth pen strokes per image: a wandering line of even width, as a doodle."""
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(1, 4)):
-            heading = rng.uniform(0, 2 * np.pi)
-            turns = np.cumsum(rng.normal(0, 0.35, 40))  # the heading drifts: a curve, not a zigzag
-            steps = np.stack([np.cos(heading + turns), np.sin(heading + turns)], 1) * rng.uniform(2, 4)
-            points = np.clip(rng.uniform(20, 92, 2) + np.cumsum(steps, 0), 4, 108)
-            draw.line([tuple(p) for p in points], fill=int(rng.integers(120, 256)),
-                      width=int(rng.integers(2, 9)), joint="curve")
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
+    return sketched(n, rng, _scribble)
 
 
 HELD_OUT = ("digits", "scenes", "glyphs", "blobs", "icons", "scribbles")

@@ -82,62 +82,70 @@ def text(n: int, rng) -> np.ndarray:
     return np.stack(out)
 
 
-def shapes(n: int, rng) -> np.ndarray:
-    """One to three rectangles, ellipses, triangles and lines, each drawn as an outline or solid."""
+CANVAS = 112  # shapes are drawn at four times the size and shrunk, smooth as a scan
+
+
+def sketched(n: int, rng, paint: Callable[[ImageDraw.ImageDraw, np.random.Generator], None]) -> np.ndarray:
+    """n images, each painted by `paint(draw, rng)` light on a black CANVAS-square canvas and
+    shrunk to 28x28."""
     out = []
     for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(1, 4)):
-            x0, y0 = rng.integers(5, 60, 2)
-            x1, y1 = x0 + rng.integers(20, 50), y0 + rng.integers(20, 50)
-            fill, width = int(rng.integers(100, 256)), int(rng.integers(2, 10))
-            kind, solid = rng.integers(0, 4), rng.random() < 0.5
-            paint = {"fill": fill} if solid else {"outline": fill, "width": width}
-            if kind == 0:
-                draw.ellipse([x0, y0, x1, y1], **paint)
-            elif kind == 1:
-                draw.rectangle([x0, y0, x1, y1], **paint)
-            elif kind == 2:
-                draw.line([x0, y0, x1, y1], fill=fill, width=width * (3 if solid else 1))
-            else:
-                draw.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], **paint)
+        img = Image.new("L", (CANVAS, CANVAS), 0)
+        paint(ImageDraw.Draw(img), rng)
         out.append(resize(np.asarray(img)))
     return np.stack(out)
+
+
+def _shape(draw: ImageDraw.ImageDraw, rng) -> None:
+    for _ in range(rng.integers(1, 4)):
+        x0, y0 = rng.integers(5, 60, 2)
+        x1, y1 = x0 + rng.integers(20, 50), y0 + rng.integers(20, 50)
+        fill, width = int(rng.integers(100, 256)), int(rng.integers(2, 10))
+        kind, solid = rng.integers(0, 4), rng.random() < 0.5
+        paint = {"fill": fill} if solid else {"outline": fill, "width": width}
+        if kind == 0:
+            draw.ellipse([x0, y0, x1, y1], **paint)
+        elif kind == 1:
+            draw.rectangle([x0, y0, x1, y1], **paint)
+        elif kind == 2:
+            draw.line([x0, y0, x1, y1], fill=fill, width=width * (3 if solid else 1))
+        else:
+            draw.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], **paint)
+
+
+def shapes(n: int, rng) -> np.ndarray:
+    """One to three rectangles, ellipses, triangles and lines, each drawn as an outline or solid."""
+    return sketched(n, rng, _shape)
+
+
+def _silhouette(draw: ImageDraw.ImageDraw, rng) -> None:
+    for _ in range(rng.integers(1, 3)):
+        corners = rng.integers(3, 11)
+        (cx, cy), size = rng.integers(30, 82, 2), rng.integers(15, 50)
+        angles, radii = np.sort(rng.uniform(0, 2 * np.pi, corners)), size * rng.uniform(0.3, 1, corners)
+        draw.polygon([(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles, strict=True)],
+                     fill=int(rng.integers(90, 256)))
 
 
 def silhouettes(n: int, rng) -> np.ndarray:
     """One or two solid polygons of 3 to 10 corners at random angles and distances from a
     centre: shapes with a garment's solidity but none of its outlines."""
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(1, 3)):
-            corners = rng.integers(3, 11)
-            (cx, cy), size = rng.integers(30, 82, 2), rng.integers(15, 50)
-            angles, radii = np.sort(rng.uniform(0, 2 * np.pi, corners)), size * rng.uniform(0.3, 1, corners)
-            draw.polygon([(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles, strict=True)],
-                         fill=int(rng.integers(90, 256)))
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
+    return sketched(n, rng, _silhouette)
+
+
+def _face(draw: ImageDraw.ImageDraw, rng) -> None:
+    (cx, cy), r = rng.integers(45, 67, 2), int(rng.integers(30, 45))
+    width, fill = int(rng.integers(2, 7)), int(rng.integers(150, 256))
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
+    e = r // 3
+    for side in (-1, 1):
+        draw.ellipse([cx + side * e - 4, cy - e - 4, cx + side * e + 4, cy - e + 4], fill=fill)
+    draw.arc([cx - e - 5, cy, cx + e + 5, cy + e + 8], 20, 160, fill=fill, width=width)
 
 
 def faces(n: int, rng) -> np.ndarray:
     """Smiley faces: line drawings."""
-    out = []
-    for _ in range(n):
-        img = Image.new("L", (112, 112), 0)
-        draw = ImageDraw.Draw(img)
-        (cx, cy), r = rng.integers(45, 67, 2), int(rng.integers(30, 45))
-        width, fill = int(rng.integers(2, 7)), int(rng.integers(150, 256))
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
-        e = r // 3
-        for side in (-1, 1):
-            draw.ellipse([cx + side * e - 4, cy - e - 4, cx + side * e + 4, cy - e + 4], fill=fill)
-        draw.arc([cx - e - 5, cy, cx + e + 5, cy + e + 8], 20, 160, fill=fill, width=width)
-        out.append(resize(np.asarray(img)))
-    return np.stack(out)
+    return sketched(n, rng, _face)
 
 
 def textures(n: int, rng) -> np.ndarray:
