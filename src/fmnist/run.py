@@ -144,6 +144,11 @@ class ModelMeta:
         return self.metrics.get("test_accuracy")
 
     @property
+    def trained_on_photos(self) -> bool:
+        """Whether real photos were mixed into its training (`--photos` with a photo share)."""
+        return bool(self.config.get("photo_share"))
+
+    @property
     def temperature(self) -> float:
         """What the logits are divided by before the softmax (1.0 for a run not calibrated)."""
         return float(self.calibration.get("temperature", 1.0))

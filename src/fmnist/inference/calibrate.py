@@ -374,7 +374,7 @@ def calibrate_run(run_dir, data_dir=None, device="cpu") -> dict[str, Any]:
                           "calibration needs images the model did not train on")
     splits = load_splits(val_size, meta.normalization, data_dir, device)
     photos = None
-    if meta.config.get("photo_share"):  # a run trained on photos: they join the fit again
+    if meta.trained_on_photos:  # its photos join the fit again
         photos = torch.as_tensor(load_photo_set(find_photos_dir(meta.config.get("photos"))).images)
     entry, detector = calibrate(model, meta, splits["train"], splits["val"], photos)
     save_calibration(run, meta, entry, detector)

@@ -138,14 +138,15 @@ def predict_files(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
         else:
             entries += [next(answers) for _ in got]
     threshold = predictor.detector.threshold if predictor.detector is not None else None
-    return {"model": str(run_dir), "trained_on_photos": bool(predictor.meta.config.get("photo_share")),
+    return {"model": str(run_dir), "trained_on_photos": predictor.meta.trained_on_photos,
             "ood_threshold": threshold, "predictions": entries}
 
 
 def format_predictions(result: dict[str, Any]) -> str:
     """A small table per image: rank, class, probability and a bar; a plain warning for an
     image that does not look like Fashion-MNIST (and where the 28x28 image the model saw was
-    written, with --save-input)."""
+    written, with --save-input); after them, where a run trained without photos flagged one,
+    a line that says which model to use for photos."""
     lines = []
     for entry in result["predictions"]:
         lines.append(entry["file"] or "<image>")
@@ -158,9 +159,6 @@ def format_predictions(result: dict[str, Any]) -> str:
         if entry.get("in_distribution") is False:
             lines.append(f"  this does not look like clothing (out-of-distribution score {entry['ood_score']:.2f}, "
                          f"flagged above {threshold:.2f}); the classes below are the model's guess all the same")
-            if result.get("trained_on_photos") is False:
-                lines.append("  (a model trained on Fashion-MNIST alone flags most real photos: for photos use a "
-                             "photo run, `fmnist train --preset photo`; see docs/photos.md)")
         elif entry.get("ood_score") is not None:
             lines.append(f"  looks like clothing (out-of-distribution score {entry['ood_score']:.2f}, flagged above "
                          f"{threshold:.2f}); a confident answer can still be wrong")
@@ -168,4 +166,8 @@ def format_predictions(result: dict[str, Any]) -> str:
         for rank, t in enumerate(entry["top"], 1):
             bar = "#" * round(20 * t["probability"])
             lines.append(f"  {rank}. {t['label']:<{width}}  {t['probability']:6.1%}  {bar}")
+    flagged = any(entry.get("in_distribution") is False for entry in result["predictions"])
+    if flagged and result.get("trained_on_photos") is False:
+        lines.append("A model trained on Fashion-MNIST alone flags most real photos: for photos use a photo run "
+                     "(`fmnist train --preset photo`, see docs/photos.md).")
     return "\n".join(lines)
