@@ -21,7 +21,7 @@ from fmnist.inference.calibrate import (
     logits_and_features,
     reliability,
 )
-from fmnist.inference.outliers import draw_outliers, framed
+from fmnist.inference.outliers import _smooth, draw_outliers, framed
 from fmnist.inference.predictor import load_model
 from fmnist.run import RunDir
 from fmnist.training.loop import train
@@ -79,13 +79,22 @@ def test_detector_learns_what_is_not_clothing_and_keeps_the_pass_rate():
 def test_drawn_outliers_are_seeded_images_of_every_kind():
     fashion = np.random.default_rng(0).integers(0, 256, (30, 28, 28)).astype(np.uint8)
     sets = draw_outliers(fashion, per_kind=12, seed=3)
-    assert set(sets) == {"noise", "blank", "gradients", "text", "shapes", "faces", "textures", "silhouettes", "inverted"}
+    assert set(sets) == {"noise", "blank", "gradients", "text", "shapes", "faces", "textures", "silhouettes",
+                         "strokes", "inverted"}
     for kind, images in sets.items():
         assert images.dtype == np.uint8 and images.shape == (12, 28, 28), kind
         assert images.max() > images.min() or kind == "blank", kind
     np.testing.assert_array_equal(sets["text"], draw_outliers(fashion, per_kind=12, seed=3)["text"])
     assert not np.array_equal(sets["text"], draw_outliers(fashion, per_kind=12, seed=4)["text"])
     assert all(any(np.array_equal(255 - f, image) for f in fashion) for image in sets["inverted"])
+
+
+def test_a_smoothed_stroke_runs_through_its_corners_and_stays_between_them():
+    corners = np.array([[10.0, 10.0], [50.0, 80.0], [90.0, 20.0], [100.0, 100.0]])
+    path = _smooth(corners, steps=8)
+    assert len(path) == 3 * 8 + 1
+    np.testing.assert_allclose(path[::8], corners)  # every corner is on the path, in order
+    assert path.min() > 0 and path.max() < 110  # a gentle curve, no overshoot far past them
 
 
 def test_framed_fits_what_is_drawn_to_the_frame_as_the_preparation_does():

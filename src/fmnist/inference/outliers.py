@@ -133,6 +133,33 @@ def silhouettes(n: int, rng) -> np.ndarray:
     return sketched(n, rng, _silhouette)
 
 
+def _smooth(points: np.ndarray, steps: int = 24) -> np.ndarray:
+    """A Catmull-Rom curve through the points, `steps` samples per span, ending on the last."""
+    p = np.concatenate([points[:1], points, points[-1:]])
+    t = np.linspace(0, 1, steps, endpoint=False)[:, None]
+    spans = [0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3)
+             for p0, p1, p2, p3 in zip(p[:-3], p[1:-2], p[2:-1], p[3:], strict=True)]
+    return np.concatenate([*spans, points[-1:]])
+
+
+def _stroke(draw: ImageDraw.ImageDraw, rng) -> None:
+    for _ in range(rng.integers(1, 4)):
+        corners = rng.integers(2, 8)
+        start = rng.uniform(10, CANVAS - 10, 2)
+        moves = rng.normal(0, rng.uniform(10, 35), (corners - 1, 2))
+        points = np.clip(np.concatenate([start[None], start + np.cumsum(moves, 0)]), 2, CANVAS - 2)
+        if rng.random() < 0.6:
+            points = _smooth(points)
+        draw.line([tuple(p) for p in points], fill=int(rng.integers(100, 256)),
+                  width=int(rng.integers(2, 12)), joint="curve")
+
+
+def strokes(n: int, rng) -> np.ndarray:
+    """One to three pen strokes of 2 to 7 random corners, drawn as straight zigzags or smooth
+    curves through them, of any width: marks, ticks and doodles."""
+    return sketched(n, rng, _stroke)
+
+
 def _face(draw: ImageDraw.ImageDraw, rng) -> None:
     (cx, cy), r = rng.integers(45, 67, 2), int(rng.integers(30, 45))
     width, fill = int(rng.integers(2, 7)), int(rng.integers(150, 256))
@@ -196,7 +223,7 @@ def framed(images: np.ndarray) -> np.ndarray:
 
 DRAWN: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
     "noise": noise, "blank": blank, "gradients": gradients, "text": text, "shapes": shapes,
-    "faces": faces, "textures": textures, "silhouettes": silhouettes,
+    "faces": faces, "textures": textures, "silhouettes": silhouettes, "strokes": strokes,
 }
 UNFRAMED = ("noise", "blank", "gradients")  # nothing to crop to
 
