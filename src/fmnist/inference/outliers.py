@@ -8,7 +8,8 @@ Each kind is drawn light on black at 28x28 as a scan would arrive, and half of e
 canvases and the noise) cropped to what is drawn and fitted to the frame as `prepare_image` fits a
 photo's object, so both ways a picture reaches the network are covered. bench/ood.py measures
 the score on these kinds drawn from another seed and on kinds never drawn here (handwritten
-digits, glyphs in TrueType fonts, filled shapes, smooth blobs, grey patches of photographs).
+digits, glyphs in TrueType fonts, filled shapes and symbols, smooth blobs, scribbles, bar codes,
+charts, everyday things, grey patches of photographs).
 """
 
 from __future__ import annotations
