@@ -322,7 +322,6 @@ def objects(n: int, rng) -> np.ndarray:
 HELD_OUT = ("digits", "scenes", "glyphs", "blobs", "icons", "barcodes", "charts", "objects")
 
 
-
 def build_sets(test_images: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     sets = {"digits": digits(), "noise": noise(n, rng), "blank": blank(64, rng), "text": text(n, rng),
@@ -330,9 +329,9 @@ def build_sets(test_images: np.ndarray, n: int = 1000, seed: int = 0) -> dict[st
             "inverted": 255 - test_images[rng.choice(len(test_images), n, replace=False)]}
     held = np.random.default_rng(seed + 1)  # their own stream: the sets above stay as they were
     sets |= {"glyphs": glyphs(n, held), "filled": filled_shapes(n, held), "blobs": blobs(n, held)}
-    later = np.random.default_rng(seed + 2)  # kinds added after the second change was chosen
+    later = np.random.default_rng(seed + 2)  # added once solid shapes were fitted on
     sets |= {"icons": icons(n, later), "scribbles": scribbles(n, later)}
-    last = np.random.default_rng(seed + 3)  # kinds added after the third change was chosen
+    last = np.random.default_rng(seed + 3)  # added once pen strokes were fitted on
     return sets | {"barcodes": barcodes(n, last), "charts": charts(n, last), "objects": objects(n, last)}
 
 

@@ -294,8 +294,8 @@ def calibrate(model: nn.Module, meta: ModelMeta, train: Split, val: Split,
 
     The detector learns clothing from BANK_SIZE training images and from photos, and what is
     not clothing from drawn images (`fmnist.inference.outliers`: noise, canvases, text,
-    shapes outlined and solid, random solid polygons, pen strokes, line drawings, textures, dark-on-light
-    pictures), each side weighing the same.
+    shapes outlined and solid, random solid polygons, pen strokes, line drawings, textures,
+    dark-on-light pictures), each side weighing the same.
     `photos`, uint8 (P, 28, 28): prepared real photos the model trained on; PHOTO_BANK of them
     join the clothing side, weighing as much as the training images, and the rest set the
     threshold with the validation split. A run without photos has the training images made
