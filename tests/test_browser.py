@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from helpers import png, running_server, untrained_run  # noqa: E402
+from helpers import png, quiet, running_server, small_config, untrained_run  # noqa: E402
 
 from fmnist.data import load_split  # noqa: E402
 from fmnist.inference.predictor import load_model  # noqa: E402
@@ -175,6 +175,27 @@ def test_a_rejected_file_leaves_no_broken_image(tiny_page, tmp_path):
     sync_api.expect(tiny_page.locator("#preview")).to_be_hidden()
     sync_api.expect(tiny_page.locator("#model-input")).to_be_hidden()
     assert tiny_page.get_attribute("#preview", "src") is None
+
+
+def test_the_page_says_when_its_model_never_saw_a_photo(tiny_page):
+    """Before the first upload: a model trained on the scans alone flags most real photos."""
+    note = tiny_page.locator("#scan-model-note")
+    sync_api.expect(note).to_be_visible(timeout=20_000)
+    assert "fmnist train --preset photo" in note.inner_text()
+
+
+def test_the_page_of_a_photo_run_has_no_such_note(browser, photo_folder, shared_synthetic_dir, tmp_path):
+    from fmnist.training.loop import train
+
+    config = small_config(shared_synthetic_dir, tmp_path / "photo", steps=2, photos=str(photo_folder),
+                          photo_share=0.25)
+    run = train(config, progress=False, log=quiet).run_dir
+    with running_server(run) as (host, port, _):
+        page = browser.new_page()
+        page.goto(f"http://{host}:{port}/")
+        sync_api.expect(page.locator("#model-info")).to_contain_text("Model:", timeout=20_000)  # /healthz read
+        sync_api.expect(page.locator("#scan-model-note")).to_be_hidden()
+        page.close()
 
 
 def test_page_with_an_api_key_asks_for_it_once(browser, tmp_path):

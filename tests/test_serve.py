@@ -66,7 +66,9 @@ def peak_rss_mb(pid: int) -> float:
 
 def test_health_classes_and_openapi(server):
     status, _, body = get(server, "/healthz")
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert health["trained_on_photos"] is False  # the post's network on the scans alone
     status, _, body = get(server, "/v1/classes")
     assert status == 200 and [c["label"] for c in json.loads(body)["classes"]] == list(CLASS_NAMES)
     status, _, body = get(server, "/openapi.json")

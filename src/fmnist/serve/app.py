@@ -186,6 +186,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
             "test_accuracy": predictor.meta.test_accuracy,
             # Scores above this are flagged "does not look like clothing" (None: not calibrated).
             "ood_threshold": predictor.detector.threshold if predictor.detector is not None else None,
+            # False: it learned from Fashion-MNIST alone and flags most real photos (the page says so).
+            "trained_on_photos": predictor.meta.trained_on_photos,
             "batches": batcher.batches,
             "images": batcher.images,
         }, status_code=200 if batcher.running else 503)

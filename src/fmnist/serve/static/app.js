@@ -167,4 +167,5 @@ fetch("/healthz").then((r) => r.json()).then((h) => {
   oodThreshold = h.ood_threshold;
   const acc = h.test_accuracy == null ? "" : `, test accuracy ${(100 * h.test_accuracy).toFixed(1)}%`;
   $("model-info").textContent = `Model: ${h.model}${acc}.`;
+  $("scan-model-note").hidden = h.trained_on_photos !== false;
 }).catch(() => {});
