@@ -2,6 +2,7 @@
 #   make run    installs everything, trains the post's network, evaluates it, writes the plots
 #   make test   installs everything and runs the whole test suite (CI's gate)
 #   make check  ruff and the fast tests: no real data, no trained model, a few minutes
+#   make lint   ruff alone (seconds)
 #   make docs   build the documentation site into site/ (mkdocs --strict: a dead link fails it)
 # Installs are skipped when there is nothing to do (the stamp is newer than pyproject.toml).
 # Run folders are never overwritten: `make run` trains RUN_DIR once, resumes it when interrupted,
@@ -16,7 +17,7 @@ TORCH_INDEX ?=
 
 STAMP = build/.installed
 
-.PHONY: install data deps run test check docs bench clean
+.PHONY: install data deps run test check lint docs bench clean
 
 install: data deps
 
@@ -45,9 +46,11 @@ run: install
 test: install
 	$(PYTHON) -m pytest
 
-check: deps
-	$(PYTHON) -m ruff check src tests bench
+check: lint
 	$(PYTHON) -m pytest -m "not slow and not real_data" -q
+
+lint: deps
+	$(PYTHON) -m ruff check src tests bench
 
 docs: deps
 	$(PYTHON) -m mkdocs build --strict
