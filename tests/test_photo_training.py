@@ -14,12 +14,12 @@ from helpers import post_image, quiet, running_server, small_config
 
 from fmnist.cli import main
 from fmnist.config import resolve_train
-from fmnist.data import CLASS_NAMES
+from fmnist.data import CLASS_NAMES, BatchSampler
 from fmnist.data.photos import ACCEPTED, accepted_mask, find_photos_dir, list_photos
 from fmnist.inference.photo_sets import load_photo_set
 from fmnist.run import load_network
 from fmnist.training.loop import train
-from fmnist.training.photos import set_accuracy, set_loss
+from fmnist.training.photos import label_weights, set_accuracy, set_loss
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 LABELLED = sorted(p for p in PHOTOS.glob("*.jpg") if p.stem != "blank-floor")
@@ -41,6 +41,27 @@ def test_the_set_loss_of_a_larger_set_is_minus_log_of_its_summed_probability():
     p = logits.softmax(1)
     assert torch.allclose(set_loss(logits, accepted), -(p[:, 2] + p[:, 6]).log().mean(), atol=1e-6)
     assert set_accuracy(torch.eye(10)[[2, 6, 0, 9]], accepted) == 0.5
+
+
+@pytest.mark.parametrize("balance, shares", [(0.0, [0.75, 0.25]), (0.5, [0.634, 0.366]), (1.0, [0.5, 0.5])])
+def test_photo_balance_draws_each_label_in_proportion_to_its_count_to_the_power_1_minus_b(balance, shares):
+    labels = ["t-shirt"] * 300 + ["outwear"] * 100  # 3^(1-B) to 1
+    sampler = BatchSampler(400, 64, seed=0, device=torch.device("cpu"), weights=label_weights(labels, balance))
+    drawn = torch.cat([sampler.next() for _ in range(500)])
+    assert (drawn < 300).float().mean().item() == pytest.approx(shares[0], abs=0.01)
+    assert drawn.unique().numel() == 400  # every photo still drawn
+
+
+def test_a_weighted_sampler_goes_on_where_it_left_off():
+    weights = label_weights(["a"] * 7 + ["b"] * 3, 1.0)
+    straight = BatchSampler(10, 4, seed=3, device=torch.device("cpu"), weights=weights)
+    resumed = BatchSampler(10, 4, seed=3, device=torch.device("cpu"), weights=weights)
+    for _ in range(3):
+        assert torch.equal(straight.next(), resumed.next())
+    state = resumed.state_dict()
+    again = BatchSampler(10, 4, seed=99, device=torch.device("cpu"), weights=weights)
+    again.load_state_dict(state)
+    assert all(torch.equal(straight.next(), again.next()) for _ in range(10))
 
 
 def test_labels_map_to_their_accepted_classes_and_classless_labels_are_left_out(photo_folder):

@@ -161,6 +161,9 @@ class TrainConfig:
                              "mixed into training with --photo-share; unset: $FMNIST_PHOTOS", group="data")
     photo_share: float = opt(0.0, "share of each batch drawn from the prepared --photos (0: the dataset alone)",
                              within="[0, 1)", group="data")
+    photo_balance: float = opt(0.0, "how evenly the photos' labels are drawn: a photo is drawn in proportion to "
+                               "its label's count to the power minus this (0: as they come, 1: each label as often)",
+                               within="[0, 1]", group="data")
     log_every: int = opt(100, "steps between printed loss lines (the post's 100)", within="[1, inf)", group="output")
     eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)", within="[0, inf)",
                           group="evaluation")

@@ -145,16 +145,21 @@ def load_splits(val_size: int, norm: Normalization, data_dir=None, device=None) 
 
 class BatchSampler:
     """Index batches over a reshuffled permutation each epoch. A batch that crosses an epoch's
-    end takes the rest of that epoch and the start of the next, like the post's next_batch."""
+    end takes the rest of that epoch and the start of the next, like the post's next_batch.
+    With `weights` (n,), an epoch is n indices drawn with replacement in proportion to them."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device,
+                 weights: torch.Tensor | None = None):
         self.n, self.batch_size, self.device = n, batch_size, device
+        self.weights = None if weights is None else weights.double().cpu()
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.pos = 0
         self.perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=self.generator).to(self.device)
         return torch.randperm(self.n, generator=self.generator).to(self.device)
 
     def next(self) -> torch.Tensor:

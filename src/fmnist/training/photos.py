@@ -10,6 +10,7 @@ usual cross-entropy, label smoothing included.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,12 +46,13 @@ class PhotoMix:
     them into each batch."""
 
     def __init__(self, photos: PhotoSet, norm: Normalization, per_batch: int, seed: int, device: torch.device,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, balance: float = 0.0):
         self.raw = torch.as_tensor(photos.images)  # (P, 28, 28) uint8 on the CPU: the OOD score's bank
         self.images = to_tensor(photos.images, norm.mean, norm.std, device).contiguous(memory_format=memory_format)
         self.accepted = torch.as_tensor(photos.accepted, device=device)  # (P, classes) bool
         self.per_batch = per_batch
-        self.sampler = BatchSampler(len(photos), per_batch, seed + SAMPLER_SEED, device)
+        self.sampler = BatchSampler(len(photos), per_batch, seed + SAMPLER_SEED, device,
+                                    label_weights(photos.labels, balance) if balance else None)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor, ctx: Dist) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch with this process's share of the next photos appended; targets as sets."""
@@ -63,6 +65,13 @@ class PhotoMix:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+def label_weights(labels: list[str], balance: float) -> torch.Tensor:
+    """Per photo, its label's count to the power -balance: each label is drawn in proportion to
+    its count to the power 1 - balance (1: every label as often)."""
+    names, index, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    return torch.as_tensor(counts[index], dtype=torch.float64) ** -balance
 
 
 def photos_per_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -89,8 +98,9 @@ def photo_mix(cfg: TrainConfig, norm: Normalization, device: torch.device, world
         raise FmnistError(f"--photos {directory}: no usable photos in train/ (labels with classes: "
                           f"{', '.join(sorted(ACCEPTED))})")
     log(f"photos: {len(photos)} from {directory / 'train'} ({photos.refused} with nothing found on them left out), "
-        f"{per_batch} in each batch of {cfg.batch_size}")
-    return PhotoMix(photos, norm, per_batch, cfg.seed, device, memory_format)
+        f"{per_batch} in each batch of {cfg.batch_size}"
+        + (f", labels balanced to the power {cfg.photo_balance:g}" if cfg.photo_balance else ""))
+    return PhotoMix(photos, norm, per_batch, cfg.seed, device, memory_format, cfg.photo_balance)
 
 
 def photo_validation(cfg: TrainConfig, model: torch.nn.Module, norm: Normalization, device: torch.device,
