@@ -70,7 +70,7 @@ class PhotoMix:
 def label_weights(labels: list[str], balance: float) -> torch.Tensor:
     """Per photo, its label's count to the power -balance: each label is drawn in proportion to
     its count to the power 1 - balance (1: every label as often)."""
-    names, index, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    _, index, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
     return torch.as_tensor(counts[index], dtype=torch.float64) ** -balance
 
 
