@@ -1,6 +1,7 @@
 """Real photos of clothing, one item each, classified by each model as `fmnist predict` would:
-top-1 in the label's accepted classes (overall and per label), a confusion table, the share
-passing the out-of-distribution flag, refusals and seconds per photo.
+top-1 in the label's accepted classes (overall and per label), the mean top-1 probability beside
+how often that answer is right, a confusion table, the share passing the out-of-distribution
+flag, refusals and seconds per photo.
 
     python bench/real_photos.py data/clothing/validation --models runs/post runs/cpu-fast
     python bench/real_photos.py data/clothing/validation --models runs/cpu-fast --json
@@ -157,12 +158,19 @@ def summarise(
         for p, a in zip(photos, answers, strict=True)
         if a.predicted is not None
     ]
+    answered_pairs = [(p, a) for p, a in clothing if a.predicted is not None]
     return {
         "model": model,
         "photos": len(photos),
         "clothing_photos": len(clothing),
         "accuracy": share(
             [a.predicted in accepted_indices(p.label, class_names) for p, a in clothing]
+        ),
+        # Probabilities that mean what they say: the mean top-1 probability of the answered
+        # clothing photos beside how often that top-1 is right.
+        "mean_probability": statistics.fmean(a.probability for a in answered) if answered else None,
+        "answered_accuracy": share(
+            [a.predicted in accepted_indices(p.label, class_names) for p, a in answered_pairs]
         ),
         "ood_pass": share([a.passes for a in answered if a.passes is not None]),
         "refused": [
@@ -184,6 +192,9 @@ def percent(x: float | None) -> str:
 def print_summary(s: dict, class_names: list[str]) -> None:
     print(f"\n{s['model']}: {s['clothing_photos']} clothing photos of {s['photos']}")
     print(f"  top-1 in the accepted set       {percent(s['accuracy'])}")
+    if s["mean_probability"] is not None:
+        print(f"  mean top-1 probability          {percent(s['mean_probability'])}  "
+              f"(right on {percent(s['answered_accuracy']).strip()} of those answered)")
     print(f"  clothing passing the OOD flag   {percent(s['ood_pass'])}  (of those answered)")
     print(f"  refused                         {len(s['refused']):6d}")
     if s["seconds_per_photo"] is not None:
