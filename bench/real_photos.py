@@ -152,13 +152,13 @@ def summarise(
             "refused": len(rows) - len(answered),
         }
     clothing = [(p, a) for p, a in zip(photos, answers, strict=True) if p.label in ACCEPTED]
-    answered = [a for _, a in clothing if a.predicted is not None]
+    answered_pairs = [(p, a) for p, a in clothing if a.predicted is not None]
+    answered = [a for _, a in answered_pairs]
     seconds = [
         p.seconds + a.seconds
         for p, a in zip(photos, answers, strict=True)
         if a.predicted is not None
     ]
-    answered_pairs = [(p, a) for p, a in clothing if a.predicted is not None]
     return {
         "model": model,
         "photos": len(photos),
