@@ -88,6 +88,13 @@ def test_report_retrains_only_rungs_whose_recipe_changed(monkeypatch, synthetic_
     report.run_ladder(out, data_dir=str(synthetic_dir), device="cpu", progress=False, log=quiet)
     mtimes = {r.name: RunDir(out / r.name).weights_path.stat().st_mtime_ns for r in rungs}
 
+    # A rung trained before an option existed: its saved config lacks it, and the option's
+    # default trains as before, so the rung is still reused.
+    first = RunDir(out / "01-a")
+    meta = first.read_meta()
+    del meta.config["photo_balance"]
+    first.write_meta(meta)
+
     moved = tmp_path / "moved-data"
     synthetic_dir.rename(moved)
     logs = []

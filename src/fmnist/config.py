@@ -300,8 +300,11 @@ NOT_RECIPE = ("out", "resume", "preset", "device", "threads", "data_dir", "photo
 
 
 def recipe(values: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a TrainConfig (as a dict, names upgraded) that decide what is trained."""
-    return {k: v for k, v in upgrade_names(values).items() if k not in NOT_RECIPE}
+    """The fields of a TrainConfig (as a dict, names upgraded) that decide what is trained. A
+    field an older run's config lacks takes its default: an option is added with the default
+    that trains as before, so that run follows the same recipe as one saved today."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in (defaults | upgrade_names(values)).items() if k not in NOT_RECIPE}
 
 
 def check_resumable(saved: dict[str, Any], values: dict[str, Any]) -> None:
