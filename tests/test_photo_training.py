@@ -11,15 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import post_image, quiet, running_server, small_config
+from PIL import Image
 
 from fmnist.cli import main
 from fmnist.config import resolve_train
-from fmnist.data import CLASS_NAMES, BatchSampler
+from fmnist.data import CLASS_NAMES, BatchSampler, Normalization
 from fmnist.data.photos import ACCEPTED, accepted_mask, find_photos_dir, list_photos
-from fmnist.inference.photo_sets import load_photo_set
+from fmnist.inference.photo_sets import load_photo_set, photo_view
 from fmnist.run import load_network
 from fmnist.training.loop import train
-from fmnist.training.photos import label_weights, set_accuracy, set_loss
+from fmnist.training.photos import PhotoMix, label_weights, set_accuracy, set_loss
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 LABELLED = sorted(p for p in PHOTOS.glob("*.jpg") if p.stem != "blank-floor")
@@ -80,6 +81,39 @@ def test_prepared_photos_are_cached_and_nothing_found_is_left_out(photo_folder, 
     again = load_photo_set(photo_folder, "train")
     assert np.array_equal(again.images, first.images) and again.labels == first.labels
     assert np.array_equal(again.accepted, first.accepted) and again.refused == 1
+
+
+def test_other_views_of_each_photo_are_prepared_drawn_the_same_each_time_and_cached(photo_folder, tmp_path):
+    one = load_photo_set(photo_folder, "train")
+    three = load_photo_set(photo_folder, "train", views=3)
+    assert one.views is None and np.array_equal(three.images, one.images) and three.labels == one.labels
+    assert three.views.shape == (len(one), 2, 28, 28) and three.views.dtype == np.uint8
+    assert all(view.min() == 0 and view.max() >= 160 for view in three.views.reshape(-1, 28, 28))  # light on black
+    differ = [not np.array_equal(view, first) for views, first in zip(three.views, one.images, strict=True)
+              for view in views]
+    assert sum(differ) >= len(differ) - 1  # another framing, light and colour: another image
+    assert len(list((tmp_path / "cache" / "fmnist" / "photos").glob("*.npz"))) == 2
+    fresh = load_photo_set(photo_folder, "train", views=3, use_cache=False)
+    assert np.array_equal(fresh.views, three.views)  # drawn from a fixed seed: any run, the same views
+
+
+def test_a_view_keeps_only_what_the_camera_saw():
+    """However it is turned and framed, a view of an even grey picture is even: none of the
+    rotated frame's empty corners is kept."""
+    picture = Image.new("RGB", (300, 400), (120, 140, 160))
+    for seed in range(40):
+        view = np.asarray(photo_view(picture, np.random.default_rng(seed)))
+        spread = view.max((0, 1)).astype(int) - view.min((0, 1))  # per colour channel
+        assert view.shape[0] >= 0.3 * 0.7 * 0.8 * 400 and spread.max() <= 2, seed
+
+
+def test_views_join_the_photos_drawn_into_batches(photo_folder):
+    photos = load_photo_set(photo_folder, "train", views=3)
+    norm = Normalization(mean=0.0, std=1.0)
+    mix = PhotoMix(photos, norm, per_batch=4, seed=0, device=torch.device("cpu"))
+    assert len(mix.images) == 3 * len(photos) and len(mix.accepted) == 3 * len(photos)
+    assert torch.equal(mix.accepted[len(photos):2 * len(photos)], torch.as_tensor(photos.accepted))
+    assert torch.equal(mix.raw, torch.as_tensor(photos.images))  # the flag's bank: the photos as taken
 
 
 def test_the_photos_folder_is_required_and_named_in_one_line(tmp_path, monkeypatch, capsys):

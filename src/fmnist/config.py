@@ -164,6 +164,9 @@ class TrainConfig:
     photo_balance: float = opt(0.0, "how evenly the photos' labels are drawn: a photo is drawn in proportion to "
                                "its label's count to the power minus this (0: as they come, 1: each label as often)",
                                within="[0, 1]", group="data")
+    photo_views: int = opt(1, "views of each training photo: as taken, and the others as someone else might have "
+                           "taken it (framed closer, turned, other light and colour), each prepared", within="[1, inf)",
+                           group="data")
     log_every: int = opt(100, "steps between printed loss lines (the post's 100)", within="[1, inf)", group="output")
     eval_every: int = opt(0, "steps between validation evaluations (0: at the end only)", within="[0, inf)",
                           group="evaluation")

@@ -48,11 +48,14 @@ class PhotoMix:
     def __init__(self, photos: PhotoSet, norm: Normalization, per_batch: int, seed: int, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format, balance: float = 0.0):
         self.raw = torch.as_tensor(photos.images)  # (P, 28, 28) uint8 on the CPU: the OOD score's bank
-        self.images = to_tensor(photos.images, norm.mean, norm.std, device).contiguous(memory_format=memory_format)
-        self.accepted = torch.as_tensor(photos.accepted, device=device)  # (P, classes) bool
+        views = 1 if photos.views is None else 1 + photos.views.shape[1]
+        # view-major: the photos as taken, then each photo's second view, and so on
+        drawn = photos.images if views == 1 else np.concatenate([photos.images, *photos.views.swapaxes(0, 1)])
+        self.images = to_tensor(drawn, norm.mean, norm.std, device).contiguous(memory_format=memory_format)
+        self.accepted = torch.as_tensor(photos.accepted, device=device).repeat(views, 1)  # (P * views, classes) bool
         self.per_batch = per_batch
-        self.sampler = BatchSampler(len(photos), per_batch, seed + SAMPLER_SEED, device,
-                                    label_weights(photos.labels, balance) if balance else None)
+        self.sampler = BatchSampler(len(drawn), per_batch, seed + SAMPLER_SEED, device,
+                                    label_weights(photos.labels * views, balance) if balance else None)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor, ctx: Dist) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch with this process's share of the next photos appended; targets as sets."""
@@ -93,12 +96,13 @@ def photo_mix(cfg: TrainConfig, norm: Normalization, device: torch.device, world
         return None
     per_batch = photos_per_batch(cfg, world_size)
     directory = find_photos_dir(cfg.photos)
-    photos = load_photo_set(directory, "train", progress=progress)
+    photos = load_photo_set(directory, "train", progress=progress, views=cfg.photo_views)
     if not len(photos):
         raise FmnistError(f"--photos {directory}: no usable photos in train/ (labels with classes: "
                           f"{', '.join(sorted(ACCEPTED))})")
     log(f"photos: {len(photos)} from {directory / 'train'} ({photos.refused} with nothing found on them left out), "
-        f"{per_batch} in each batch of {cfg.batch_size}"
+        + (f"{cfg.photo_views} views of each, " if cfg.photo_views > 1 else "")
+        + f"{per_batch} in each batch of {cfg.batch_size}"
         + (f", labels balanced to the power {cfg.photo_balance:g}" if cfg.photo_balance else ""))
     return PhotoMix(photos, norm, per_batch, cfg.seed, device, memory_format, cfg.photo_balance)
 
