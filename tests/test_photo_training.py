@@ -17,6 +17,7 @@ from fmnist.cli import main
 from fmnist.config import resolve_train
 from fmnist.data import CLASS_NAMES, BatchSampler, Normalization
 from fmnist.data.photos import ACCEPTED, accepted_mask, find_photos_dir, list_photos
+from fmnist.inference import photo_sets
 from fmnist.inference.photo_sets import load_photo_set, photo_view
 from fmnist.run import load_network
 from fmnist.training.loop import train
@@ -83,7 +84,8 @@ def test_prepared_photos_are_cached_and_nothing_found_is_left_out(photo_folder, 
     assert np.array_equal(again.accepted, first.accepted) and again.refused == 1
 
 
-def test_other_views_of_each_photo_are_prepared_drawn_the_same_each_time_and_cached(photo_folder, tmp_path):
+def test_other_views_of_each_photo_are_prepared_drawn_the_same_each_time_and_cached(photo_folder, tmp_path,
+                                                                                     monkeypatch):
     one = load_photo_set(photo_folder, "train")
     three = load_photo_set(photo_folder, "train", views=3)
     assert one.views is None and np.array_equal(three.images, one.images) and three.labels == one.labels
@@ -93,8 +95,10 @@ def test_other_views_of_each_photo_are_prepared_drawn_the_same_each_time_and_cac
               for view in views]
     assert sum(differ) >= len(differ) - 1  # another framing, light and colour: another image
     assert len(list((tmp_path / "cache" / "fmnist" / "photos").glob("*.npz"))) == 2
+    monkeypatch.setattr(photo_sets, "PER_WORKER", 1)  # prepared on threads this time
     fresh = load_photo_set(photo_folder, "train", views=3, use_cache=False)
     assert np.array_equal(fresh.views, three.views)  # drawn from a fixed seed: any run, the same views
+    assert np.array_equal(fresh.images, three.images) and fresh.files == three.files
 
 
 def test_a_view_keeps_only_what_the_camera_saw():
