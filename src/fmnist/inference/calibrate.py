@@ -171,9 +171,8 @@ def logits_and_features(model: nn.Module, images: torch.Tensor, tta: bool = Fals
 # ----------------------------------------------------------------------------- out of distribution
 
 HIDDEN = 64  # units of the detector's hidden layer
-FIT_EPOCHS = 20  # passes over the fitted features, in shuffled batches
-FIT_BATCH = 512
-FIT_LR = 3e-3  # Adam's peak learning rate, on a one-cycle schedule
+FIT_STEPS = 600  # full-batch Adam steps
+FIT_LR = 1e-2
 WEIGHT_DECAY = 1e-2
 OUTLIERS_PER_KIND = 1000  # drawn images of each kind that is not clothing (fewer for a tiny bank)
 PHOTO_LIKE = 0.3  # weight of the training images made photo-like (a run without photos), beside theirs (1)
@@ -231,18 +230,13 @@ class OodDetector:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             net = _network(x.shape[1])
-        order = torch.Generator().manual_seed(0)
-        batches = [torch.randperm(len(x), generator=order).split(FIT_BATCH) for _ in range(FIT_EPOCHS)]
         optimizer = torch.optim.Adam(net.parameters(), lr=FIT_LR, weight_decay=WEIGHT_DECAY)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, FIT_LR, total_steps=sum(map(len, batches)),
-                                                       pct_start=0.1)
         with torch.enable_grad():
-            for batch in (b for epoch in batches for b in epoch):
+            for _ in range(FIT_STEPS):
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.binary_cross_entropy_with_logits(net(x[batch]).squeeze(1), y[batch], weight=weight[batch])
+                loss = F.binary_cross_entropy_with_logits(net(x).squeeze(1), y, weight=weight)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
         for p in net.parameters():
             p.requires_grad_(False)
         detector = cls(layers, mean, std, net)
