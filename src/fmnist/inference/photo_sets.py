@@ -35,7 +35,7 @@ from fmnist.inference.photo import prepare_image
 from fmnist.io import atomic_open
 
 VIEW_SEED = 20_261_207  # the views are the same for every run: one cache serves all seeds
-PER_WORKER = 500  # photos (views counted) per process preparing them: fewer are prepared in this one
+PER_WORKER = 500  # photos (views counted) per thread preparing them: a smaller set is prepared on this one
 
 
 @dataclass
@@ -110,8 +110,8 @@ def _prepared_views(picture: Image.Image, first: np.ndarray, count: int, rng: np
 
 
 def _prepare_photo(job: tuple[Path, int, int]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """One photo prepared, and its other views (None when it has more than one): (None, None)
-    when nothing is found on it or it is not a picture."""
+    """One photo prepared, and its other views (None when only the photo as taken is asked
+    for); (None, None) when nothing is found on it or it is not a picture."""
     path, index, views = job
     try:
         with open_image(path) as picture:
