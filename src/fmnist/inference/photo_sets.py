@@ -153,11 +153,13 @@ def load_photo_set(directory: str | os.PathLike, split: str = "train", use_cache
             other.append(image_views)
             kept.append(i)
     accepted = files.accepted(CLASS_NAMES)[kept]
-    empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    result = PhotoSet(np.stack(images) if images else empty,
-                      accepted, [files.labels[i] for i in kept], [str(files.paths[i]) for i in kept], refused,
-                      (np.stack(other) if other else empty.reshape(0, views - 1, IMAGE_SIZE, IMAGE_SIZE))
-                      if views > 1 else None)
+    def stacked(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        return np.stack(arrays) if arrays else np.zeros((0, *shape), np.uint8)
+
+    frame = (IMAGE_SIZE, IMAGE_SIZE)
+    result = PhotoSet(stacked(images, frame), accepted, [files.labels[i] for i in kept],
+                      [str(files.paths[i]) for i in kept], refused,
+                      stacked(other, (views - 1, *frame)) if views > 1 else None)
     if use_cache:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
