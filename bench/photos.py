@@ -8,14 +8,17 @@ new one side by side, per model; plus the preparation time of a 12-megapixel JPE
     python bench/photos.py --models runs/post --save-examples /tmp/photo-examples
     python bench/photos.py --models runs/post --split train --seed 1   # the renders tuned on
     python bench/photos.py --models runs/cpu-fast runs/cpu-fast-photo50 --mirror-average
+    python bench/photos.py --models runs/photo runs/photo-s1 --average --mirror-average
 
 "today" is `fmnist.inference.photo.prepare_image` before the background model (kept below as
 `prepare_image_v1`, for this comparison only); "new" is the current one. A photo the new one
 says holds no object counts as a miss. "+mirror" averages each 28x28's class probabilities with
 those of its mirror image; the other columns classify one image alone, even for a model whose
 model.json asks for mirror averaging. With several models, a last table puts their `new` columns
-side by side, each model used as its model.json asks (mirror-averaged where it says so). Every
-render is drawn from a fixed seed, so two runs print the same tables. The preparation's
+side by side, each model used as its model.json asks (mirror-averaged where it says so);
+`--average` adds the models' average to it (their probabilities averaged, each model as its
+model.json asks, as bench/real_photos.py's `--average` does). Every render is drawn from a
+fixed seed, so two runs print the same tables. The preparation's
 thresholds were tuned on renders of training images (`--split train --seed 1`); the tables
 report renders of test images (`--split test --seed 0`).
 Needs OpenCV (`pip install -e '.[photo]'`).
@@ -34,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+from real_photos import Averaged
 
 from fmnist.data import CLASS_NAMES, IMAGE_SIZE, load_split
 from fmnist.inference.decode import open_image
@@ -485,6 +489,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="RNG seed of the renders")
     parser.add_argument("--mirror-average", action="store_true",
                         help="add a column: probabilities averaged with those of the mirrored 28x28")
+    parser.add_argument("--average", action="store_true",
+                        help="add the models' average (an ensemble: probabilities averaged) as one more model")
     parser.add_argument("--repeats", type=int, default=20, help="repeats of each timing (median)")
     parser.add_argument("--save-examples", type=Path, metavar="DIR",
                         help="write a few photos with the 28x28 images both preparations made, as PNGs")
@@ -499,14 +505,22 @@ def main() -> None:
     print(f"blank photos (the grounds of all conditions, nothing on them): the new preparation says "
           f"'no object' for {said} of {blanks}; today's gives each a class")
     test_images, test_labels = load_split("test")
+    loaded = [(run_dir, *one_image_at_a_time(load_model(run_dir))) for run_dir in args.models]
+    if args.average:
+        if len(loaded) < 2:
+            parser.error("--average needs at least two --models")
+        # Each member one image alone; the +mirror column averages their probabilities with the mirror's.
+        loaded.append(("average of " + " ".join(args.models), Averaged([p for _, p, _ in loaded]),
+                       all(averaged for *_, averaged in loaded)))
     models = []
-    for run_dir in args.models:
-        predictor, averaged = one_image_at_a_time(load_model(run_dir))
+    for run_dir, predictor, averaged in loaded:
         plain = accuracy(predictor, test_images, test_labels)
         mirrored = accuracy(predictor, test_images, test_labels, mirror=True)
+        stated = ("" if isinstance(predictor, Averaged)
+                  else f" (model.json: {100 * stated_accuracy(predictor):.2f}%"
+                  f"{', which asks for mirror averaging' if averaged else ''})")
         print(f"\n{run_dir}: test accuracy {100 * plain:.2f}%, averaged with the mirror images "
-              f"{100 * mirrored:.2f}% (model.json: {100 * stated_accuracy(predictor):.2f}%"
-              f"{', which asks for mirror averaging' if averaged else ''})")
+              f"{100 * mirrored:.2f}%{stated}")
         rows = condition_rows(predictor, renders)
         print_table(rows, args.mirror_average)
         models.append((run_dir, averaged, mirrored if averaged else plain, rows))

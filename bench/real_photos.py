@@ -17,6 +17,12 @@ table and in the out-of-distribution figures. A photo the preparation refuses ("
 found", an unreadable file) counts as a miss and is listed. Seconds per photo: decoding,
 preparation and one model call for that photo alone, median over the photos.
 
+`--average` adds the models' average (an ensemble): their probabilities averaged, and as its
+out-of-distribution score the mean of theirs against the mean of their thresholds; its
+Fashion-MNIST test accuracy is measured here.
+
+    python bench/real_photos.py data/clothing/validation --models runs/photo runs/photo-s1 --average
+
 `--save-input DIR` writes, per model and label, a contact sheet (PNG, 3x enlarged) of the 28x28
 images the model saw for its worst cases, the wrong answers it was most sure of, with a .tsv
 naming each tile's photo, prediction and probability. Needs OpenCV (`pip install -e '.[photo]'`).
@@ -31,12 +37,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from fmnist import FmnistError
-from fmnist.data import CLASS_NAMES
+from fmnist.data import CLASS_NAMES, load_split
 from fmnist.data.photos import ACCEPTED, PHOTO_SUFFIXES
 from fmnist.inference.decode import ImageError, open_image
 from fmnist.inference.photo import prepare_image
@@ -126,6 +133,34 @@ def answer_each(predictor: Predictor, photos: list[Photo]) -> list[Answer]:
     return answers
 
 
+class Averaged:
+    """Several runs as one model: their class probabilities averaged. Its out-of-distribution
+    score is the mean of theirs (each on its own validation split's scale) against the mean of
+    their thresholds; None unless every run is calibrated."""
+
+    def __init__(self, members: list[Predictor]):
+        if any(m.class_names != members[0].class_names for m in members):
+            raise FmnistError("--average: the runs name different classes")
+        self.members = members
+        self.class_names = members[0].class_names
+        calibrated = all(m.detector is not None for m in members)
+        threshold = statistics.fmean(m.detector.threshold for m in members) if calibrated else None
+        self.detector = SimpleNamespace(threshold=threshold) if calibrated else None
+
+    def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        assessed = [m.assess(images) for m in self.members]
+        probabilities = np.mean([p for p, _ in assessed], axis=0)
+        scores = None if self.detector is None else np.mean([s for _, s in assessed], axis=0)
+        return probabilities, scores
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return np.mean([m.probabilities(images) for m in self.members], axis=0)
+
+    def test_accuracy(self) -> float:
+        images, labels = load_split("test")
+        return float((self.probabilities(images).argmax(1) == labels).mean())
+
+
 def share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
@@ -191,6 +226,8 @@ def percent(x: float | None) -> str:
 
 def print_summary(s: dict, class_names: list[str]) -> None:
     print(f"\n{s['model']}: {s['clothing_photos']} clothing photos of {s['photos']}")
+    if s.get("test_accuracy") is not None:
+        print(f"  Fashion-MNIST test accuracy     {100 * s['test_accuracy']:6.2f}%")
     print(f"  top-1 in the accepted set       {percent(s['accuracy'])}")
     if s["mean_probability"] is not None:
         print(f"  mean top-1 probability          {percent(s['mean_probability'])}  "
@@ -292,9 +329,19 @@ def main() -> int:
         metavar="N",
         help="tiles per label on a contact sheet (default: 30)",
     )
+    parser.add_argument(
+        "--average",
+        action="store_true",
+        help="add the models' average (an ensemble: probabilities averaged) as one more model",
+    )
     args = parser.parse_args()
     try:
         predictors = [(str(run), load_model(run)) for run in args.models]  # every run checked first
+        if args.average:
+            if len(predictors) < 2:
+                raise FmnistError("--average needs at least two --models")
+            averaged = Averaged([p for _, p in predictors])
+            predictors.append(("average of " + " ".join(args.models), averaged))
         photos = find_photos(args.dir)
     except FmnistError as e:
         print(f"real_photos: error: {e}", file=sys.stderr)
@@ -305,9 +352,13 @@ def main() -> int:
     for name, predictor in predictors:
         answers = answer_each(predictor, photos)
         summary = summarise(name, predictor.class_names, photos, answers)
-        summary["test_accuracy"] = predictor.meta.test_accuracy
+        summary["test_accuracy"] = (
+            predictor.test_accuracy()
+            if isinstance(predictor, Averaged)
+            else predictor.meta.test_accuracy
+        )
         if args.save_input:
-            model_name = Path(name).resolve().name
+            model_name = "average" if isinstance(predictor, Averaged) else Path(name).resolve().name
             sheets = save_sheets(
                 args.save_input, model_name, predictor.class_names, photos, answers, args.worst
             )
