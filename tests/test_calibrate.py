@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import fmnist_cli, quiet, small_config
 
 from fmnist import FmnistError
@@ -53,6 +54,29 @@ def test_fit_temperature_recovers_the_temperature_labels_were_drawn_with():
     for true_t in (0.5, 2.0):
         labels = torch.multinomial((logits / true_t).softmax(1), 1, generator=g).squeeze(1)
         assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
+
+
+
+def test_fit_temperature_does_not_move_with_float_rounding():
+    """Logits that differ by rounding (another thread count; weights saved and loaded) give the
+    same temperature, also when every image is right with room to spare: the likelihood then
+    falls towards 0 with T, and the fit takes the highest T at which it is 0 to within rounding,
+    not the lowest it may give."""
+    g = torch.Generator().manual_seed(0)
+    for margin in (0.0, 25.0):
+        logits = torch.randn(64, 10, generator=g) * 3
+        drawn = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)  # T about 1
+        labels = logits.argmax(1) if margin else drawn
+        logits[torch.arange(64), labels] += margin
+        rounded = logits + torch.randn(logits.shape, generator=g) * 4e-6
+        t = fit_temperature(logits, labels)
+        assert fit_temperature(rounded, labels) == pytest.approx(t, rel=1e-5)
+        at, up, down, far_up = (F.cross_entropy(logits.double() / s, labels).item()
+                                for s in (t, t * 1.01, t / 1.01, t * 1.5))
+        if margin:
+            assert at < 1e-10 < far_up
+        else:
+            assert at <= min(up, down)
 
 
 def test_detector_learns_what_is_not_clothing_and_keeps_the_pass_rate():

@@ -47,6 +47,8 @@ from fmnist.io import atomic_open
 from fmnist.run import ModelMeta, RunDir, load_network
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+T_MIN, T_MAX = 0.05, 20.0  # the temperatures a fit may give
+TIE = 1e-12  # negative log-likelihoods closer than this are equal to the temperature fit
 PASS_RATE = 0.95  # share of validation images under the out-of-distribution threshold
 BANK_SIZE = 10_000  # training images the detector learns clothing from
 PHOTO_BANK = 0.8  # of a run's training photos it learns from; the rest set the threshold for photos
@@ -92,21 +94,36 @@ def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, temperature:
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature that minimises the negative log-likelihood of `labels` (convex in 1/T)."""
-    logits, labels = logits.detach().float().cpu().clone(), labels.cpu().clone()  # not inference tensors
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    """The temperature in [T_MIN, T_MAX] that minimises the negative log-likelihood of `labels`.
 
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
+    The likelihood is convex in 1/T, so it has one minimum over log T, found by golden-section
+    search to a width of 1e-9, in float64: the same answer for logits that differ by float
+    rounding (another thread count, weights saved and loaded). Likelihoods within TIE of each
+    other count as equal and the search then moves up: where every validation image is right
+    with room to spare, the likelihood falls towards 0 as T does, and about the highest temperature
+    at which it is within TIE of 0 is taken, no surer than the images show. Non-finite logits
+    give 1."""
+    logits, labels = logits.detach().double().cpu(), labels.cpu()
+    if not torch.isfinite(logits).all():
+        return 1.0
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    t = float(log_t.detach().exp())
-    return min(max(t, 0.05), 20.0) if math.isfinite(t) else 1.0
+    def nll(log_t: float) -> float:
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    ratio = (math.sqrt(5) - 1) / 2
+    low, high = math.log(T_MIN), math.log(T_MAX)
+    left, right = high - ratio * (high - low), low + ratio * (high - low)
+    at_left, at_right = nll(left), nll(right)
+    while high - low > 1e-9:
+        if at_left < at_right - TIE:  # the minimum is left of `right`
+            high, right, at_right = right, left, at_left
+            left = high - ratio * (high - low)
+            at_left = nll(left)
+        else:  # right of `left` (a tie moves up: the flat stretch's top)
+            low, left, at_left = left, right, at_right
+            right = low + ratio * (high - low)
+            at_right = nll(right)
+    return math.exp((low + high) / 2)
 
 
 # ----------------------------------------------------------------------------- network probe
