@@ -16,9 +16,9 @@ says holds no object counts as a miss. "+mirror" averages each 28x28's class pro
 those of its mirror image; the other columns classify one image alone, even for a model whose
 model.json asks for mirror averaging. With several models, a last table puts their `new` columns
 side by side, each model used as its model.json asks (mirror-averaged where it says so);
-`--average` adds the models' average to it (their probabilities averaged, each model as its
-model.json asks, as bench/real_photos.py's `--average` does). Every render is drawn from a
-fixed seed, so two runs print the same tables. The preparation's
+`--average` adds the models' average to it (their probabilities averaged, as
+bench/real_photos.py's `--average` does; with the mirror image's where every model asks for
+it). Every render is drawn from a fixed seed, so two runs print the same tables. The preparation's
 thresholds were tuned on renders of training images (`--split train --seed 1`); the tables
 report renders of test images (`--split test --seed 0`).
 Needs OpenCV (`pip install -e '.[photo]'`).
