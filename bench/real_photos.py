@@ -143,9 +143,11 @@ class Averaged:
             raise FmnistError("--average: the runs name different classes")
         self.members = members
         self.class_names = members[0].class_names
-        calibrated = all(m.detector is not None for m in members)
-        threshold = statistics.fmean(m.detector.threshold for m in members) if calibrated else None
-        self.detector = SimpleNamespace(threshold=threshold) if calibrated else None
+        self.detector = None
+        if all(m.detector is not None for m in members):
+            self.detector = SimpleNamespace(
+                threshold=statistics.fmean(m.detector.threshold for m in members)
+            )
 
     def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         assessed = [m.assess(images) for m in self.members]
